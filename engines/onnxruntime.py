@@ -1,0 +1,146 @@
+"""ONNX Runtime backend: the engine is an InferenceSession, a context an IOBinding with its
+own RunOptions on that session.
+
+A session is expensive (graph optimization, weights on the device) and safe to run from
+several threads at once; an IOBinding is cheap and belongs to one request at a time, which
+is the same split as a TensorRT engine and its execution contexts. The CUDA provider is used
+when onnxruntime-gpu is installed and a GPU is visible; otherwise the CPU provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from .backend import LoadOptions
+from .cuda import error_from_text, visible_device_count
+from .errors import ContextFailure, EngineLoadFailure, InvalidInput, TrtServeError
+from .models import ModelSource
+from .spec import DYNAMIC, IOSpec, TensorSpec
+
+_DTYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+    "tensor(string)": np.dtype(np.object_),
+}
+
+
+def _tensor_spec(arg: Any, model: str) -> TensorSpec:
+    if arg.type not in _DTYPES:
+        raise EngineLoadFailure(
+            f"model '{model}': tensor '{arg.name}' has type {arg.type}, which trtserve "
+            f"does not serve"
+        )
+    shape = tuple(d if isinstance(d, int) and d >= 0 else DYNAMIC for d in arg.shape)
+    return TensorSpec(arg.name, _DTYPES[arg.type], shape)
+
+
+def spec_of(session: ort.InferenceSession, model: str, max_batch: int | None) -> IOSpec:
+    """The IOSpec of a session. Old-IR files list initializers as graph inputs; ONNX Runtime
+    already leaves those out of get_inputs(), and this drops any that remain overridable."""
+    overridable = {i.name for i in session.get_overridable_initializers()}
+    inputs = [_tensor_spec(a, model) for a in session.get_inputs() if a.name not in overridable]
+    outputs = [_tensor_spec(a, model) for a in session.get_outputs()]
+    return IOSpec(tuple(inputs), tuple(outputs), max_batch)
+
+
+def map_error(exc: Exception, what: str) -> TrtServeError:
+    """ONNX Runtime's exceptions onto the taxonomy."""
+    if isinstance(exc, TrtServeError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, ort_state.InvalidArgument):
+        return InvalidInput(f"{what}: {text}")
+    cuda = error_from_text(text, what)
+    if cuda is not None:
+        return cuda
+    return ContextFailure(f"{what}: {type(exc).__name__}: {text}")
+
+
+class OnnxRuntimeContext:
+    """An IOBinding and RunOptions on the shared session: one request at a time."""
+
+    def __init__(self, engine: OnnxRuntimeEngine, generation: int) -> None:
+        self.engine = engine
+        self.generation = generation
+        self._binding: Any = engine.session.io_binding()
+        self._run_options: Any = ort.RunOptions()
+        self._run_options.logid = f"{engine.name}-ctx{generation}"
+
+    def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._binding is None:
+            raise ContextFailure(f"{self.engine.name}: context {self.generation} is closed")
+        binding = self._binding
+        what = f"{self.engine.name} (context {self.generation})"
+        try:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            for name in self.engine.spec.output_names:
+                binding.bind_output(name, self.engine.ort_device, self.engine.device_id)
+            self.engine.session.run_with_iobinding(binding, self._run_options)
+            values = binding.copy_outputs_to_cpu()
+        except Exception as exc:  # every ORT failure becomes a taxonomy error
+            raise map_error(exc, what) from exc
+        return dict(zip(self.engine.spec.output_names, values))
+
+    def cancel(self) -> None:
+        """Ask a run in progress to stop (ONNX Runtime checks the flag between nodes)."""
+        self._run_options.terminate = True
+
+    def close(self) -> None:
+        self._binding = None
+
+
+class OnnxRuntimeEngine:
+    backend = "onnxruntime"
+
+    def __init__(self, source: ModelSource, options: LoadOptions) -> None:
+        self.name = source.name
+        self.source = source
+        use_cuda = (
+            "CUDAExecutionProvider" in ort.get_available_providers()
+            and visible_device_count() > 0
+        )
+        providers: list[Any] = (
+            [("CUDAExecutionProvider", {"device_id": options.device}), "CPUExecutionProvider"]
+            if use_cuda
+            else ["CPUExecutionProvider"]
+        )
+        try:
+            self.session = ort.InferenceSession(str(source.path), providers=providers)
+        except Exception as exc:
+            raise EngineLoadFailure(
+                f"ONNX Runtime cannot load model '{source.name}' from {source.path}: {exc}"
+            ) from exc
+        on_cuda = "CUDAExecutionProvider" in self.session.get_providers()
+        self.ort_device = "cuda" if on_cuda else "cpu"
+        self.device_id = options.device if on_cuda else 0
+        self.device = f"cuda:{options.device}" if on_cuda else "cpu"
+        self.spec = spec_of(self.session, source.name, options.max_batch)
+
+    def create_context(self, generation: int) -> OnnxRuntimeContext:
+        return OnnxRuntimeContext(self, generation)
+
+    def close(self) -> None:
+        # The session frees its memory when the last reference goes; contexts hold one.
+        self.session = None  # type: ignore[assignment]
+
+
+def load(source: ModelSource, options: LoadOptions) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(source, options)
