@@ -65,8 +65,8 @@ class LoadOptions:
     """How to load a model.
 
     ``max_batch``: ONNX Runtime's batch limit (None: unbounded); for TensorRT, the profile
-    max the plan is built with (None: DEFAULT_TRT_MAX_BATCH). ``device``: the CUDA ordinal inside this process (Ray sets
-    CUDA_VISIBLE_DEVICES, so a pinned replica sees its GPU as 0).
+    max the plan is built with (None: DEFAULT_TRT_MAX_BATCH). ``device``: the CUDA ordinal
+    inside this process (Ray sets CUDA_VISIBLE_DEVICES, so a pinned replica sees its GPU as 0).
     """
 
     max_batch: int | None = None

@@ -97,7 +97,7 @@ class OnnxRuntimeContext:
             values = binding.copy_outputs_to_cpu()
         except Exception as exc:  # every ORT failure becomes a taxonomy error
             raise map_error(exc, what) from exc
-        return dict(zip(self.engine.spec.output_names, values))
+        return dict(zip(self.engine.spec.output_names, values, strict=True))
 
     def cancel(self) -> None:
         """Ask a run in progress to stop (ONNX Runtime checks the flag between nodes)."""

@@ -76,7 +76,7 @@ class TensorSpec:
                 f"input '{self.name}': expected shape {_shape_text(self.shape)} "
                 f"(rank {len(self.shape)}), got {list(value.shape)} (rank {value.ndim})"
             )
-        for axis, (want, got) in enumerate(zip(self.shape, value.shape)):
+        for axis, (want, got) in enumerate(zip(self.shape, value.shape, strict=True)):
             if want != DYNAMIC and want != got:
                 raise InvalidInput(
                     f"input '{self.name}': expected shape {_shape_text(self.shape)}, got "
@@ -89,7 +89,7 @@ class TensorSpec:
                 )
         if self.min_shape is not None and self.max_shape is not None:
             for axis, (lo, hi, got) in enumerate(
-                zip(self.min_shape, self.max_shape, value.shape)
+                zip(self.min_shape, self.max_shape, value.shape, strict=True)
             ):
                 if not lo <= got <= hi:
                     raise InvalidInput(

@@ -1,0 +1,166 @@
+"""Fault injection at the backend boundary, for tests, chaos runs and demos.
+
+A FaultyEngine wraps any Engine; its contexts consult the process's FaultInjector before
+each execution. Faults behave as the real failures do, as seen from above the backend:
+
+- ``context``: the next ``count`` executions fail as a rejected enqueue would
+  (ContextFailure). A fresh context then succeeds.
+- ``device``: sticky. Every later execution in this process fails with DeviceFailure, a new
+  context included, as after a CUDA illegal-address error.
+- ``hang``: the next ``count`` executions block for ``seconds`` and then complete.
+- ``crash``: the next execution ends the process at once (``os._exit``), as a segfault would.
+
+``model`` restricts a fault to one model; None means any model in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .backend import Context, Engine
+from .errors import ContextFailure, DeviceFailure, InvalidInput
+from .spec import IOSpec
+
+log = logging.getLogger(__name__)
+
+FaultKind = Literal["context", "device", "hang", "crash"]
+KINDS: tuple[str, ...] = ("context", "device", "hang", "crash")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: FaultKind
+    count: int = 1
+    seconds: float = 0.0
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InvalidInput(f"unknown fault kind '{self.kind}'; choose one of {KINDS}")
+        if self.count < 1:
+            raise InvalidInput(f"fault count must be at least 1, got {self.count}")
+        if self.kind == "hang" and self.seconds <= 0:
+            raise InvalidInput("a hang fault needs seconds > 0")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Fault:
+        unknown = set(raw) - {"kind", "count", "seconds", "model"}
+        if unknown:
+            raise InvalidInput(f"unknown fault field(s) {sorted(unknown)}")
+        try:
+            return cls(
+                kind=raw["kind"],
+                count=int(raw.get("count", 1)),
+                seconds=float(raw.get("seconds", 0.0)),
+                model=raw.get("model"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InvalidInput(f"malformed fault {dict(raw)}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FaultInjector:
+    """The faults armed in this process. Thread-safe: contexts run on worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: list[list[Any]] = []  # [fault, remaining]
+        self._device_failed: str | None = None
+        self.fired: dict[str, int] = {k: 0 for k in KINDS}
+
+    def inject(self, fault: Fault) -> None:
+        with self._lock:
+            self._armed.append([fault, fault.count])
+        log.warning("fault armed: %s", fault)
+
+    def clear(self) -> None:
+        """Disarm pending faults. A device fault that already fired stays: it is sticky."""
+        with self._lock:
+            self._armed.clear()
+
+    @property
+    def device_failed(self) -> bool:
+        return self._device_failed is not None
+
+    def pending(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{**f.to_dict(), "remaining": n} for f, n in self._armed]
+
+    def _take(self, model: str) -> Fault | None:
+        with self._lock:
+            for entry in self._armed:
+                fault, remaining = entry
+                if fault.model not in (None, model):
+                    continue
+                if fault.kind == "device":
+                    self._armed.remove(entry)
+                    self._device_failed = f"injected device fault (model {model})"
+                elif remaining <= 1:
+                    self._armed.remove(entry)
+                else:
+                    entry[1] = remaining - 1
+                self.fired[fault.kind] += 1
+                return fault
+        return None
+
+    def before_execute(self, model: str, generation: int) -> None:
+        """Called at the backend boundary, before the real execution."""
+        if self._device_failed is not None:
+            raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
+        fault = self._take(model)
+        if fault is None:
+            return
+        if fault.kind == "context":
+            raise ContextFailure(
+                f"{model} (context {generation}): injected fault: enqueue rejected"
+            )
+        if fault.kind == "device":
+            raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
+        if fault.kind == "hang":
+            time.sleep(fault.seconds)
+            return
+        log.critical("injected crash: ending process %d", os.getpid())
+        os._exit(17)
+
+
+class FaultyContext:
+    def __init__(self, inner: Context, model: str, injector: FaultInjector) -> None:
+        self.inner = inner
+        self.generation = inner.generation
+        self._model = model
+        self._injector = injector
+
+    def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._injector.before_execute(self._model, self.generation)
+        return self.inner.execute(inputs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FaultyEngine:
+    """An Engine whose contexts pass through ``injector`` before each execution."""
+
+    def __init__(self, inner: Engine, injector: FaultInjector) -> None:
+        self.inner = inner
+        self.injector = injector
+        self.name: str = inner.name
+        self.backend: str = inner.backend
+        self.device: str = inner.device
+        self.spec: IOSpec = inner.spec
+
+    def create_context(self, generation: int) -> FaultyContext:
+        return FaultyContext(self.inner.create_context(generation), self.name, self.injector)
+
+    def close(self) -> None:
+        self.inner.close()
