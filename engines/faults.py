@@ -113,10 +113,14 @@ class FaultInjector:
                 return fault
         return None
 
-    def before_execute(self, model: str, generation: int) -> None:
-        """Called at the backend boundary, before the real execution."""
+    def check_device(self, model: str) -> None:
+        """Raise DeviceFailure if an injected device fault has fired in this process."""
         if self._device_failed is not None:
             raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
+
+    def before_execute(self, model: str, generation: int) -> None:
+        """Called at the backend boundary, before the real execution."""
+        self.check_device(model)
         fault = self._take(model)
         if fault is None:
             return

@@ -1,0 +1,50 @@
+"""The trtserve application: ``build_app(args)`` -> Router in front of EngineReplica.
+
+serve.yaml points Serve at ``deployments.app:build_app`` with ``args`` (see
+config.AppArgs); ``trtserve serve`` calls it with its flags. The app is always named
+``trtserve``; its ingress, the Router, serves ``/``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.serve import Application
+
+from .config import AppArgs
+from .engine import EngineReplica
+from .router import Router
+
+APP_NAME = "trtserve"
+
+
+def gpus_per_replica(setting: str | float) -> float:
+    """``auto``: one GPU per replica where the cluster has GPUs, else none."""
+    if setting != "auto":
+        return float(setting)
+    if not ray.is_initialized():
+        ray.init()
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+    engine = EngineReplica.options(
+        num_replicas=args.replicas,
+        ray_actor_options={
+            "num_cpus": args.cpus_per_replica,
+            "num_gpus": gpus_per_replica(args.gpus_per_replica),
+        },
+        max_ongoing_requests=args.engine_max_ongoing_requests,
+        health_check_period_s=args.health_check_period_s,
+        user_config=args.engine_user_config(),
+    ).bind(args.engine_config())
+    return Router.options(
+        num_replicas=args.router_replicas,
+        ray_actor_options={"num_cpus": args.router_cpus},
+        # Serve's default of 5 collapses throughput under concurrent callers; the router
+        # only awaits replicas, so it can hold many requests at once.
+        max_ongoing_requests=args.router_max_ongoing_requests,
+        user_config=args.router_user_config(),
+    ).bind(engine)

@@ -1,0 +1,113 @@
+"""Typed configuration of the app, shared by app.py, the deployments and the CLI.
+
+``AppArgs`` is what serve.yaml's ``args`` and ``trtserve serve``'s flags fill in. Knobs that
+may change live (retry policy, local retries, faults) travel as Serve ``user_config``, so
+``serve deploy`` with new values reconfigures running replicas instead of replacing them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engines.backend import BACKENDS, DEFAULT_CACHE_DIR
+from engines.faults import Fault
+from engines.models import BUILTIN
+
+from .policy import RetryPolicy
+
+
+class ModelArgs(BaseModel):
+    """One served model: a built-in name or an .onnx path, with its own limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_batch: int | None = Field(default=None, ge=1)
+    version: str = "1"
+
+
+class AppArgs(BaseModel):
+    """Everything ``build_app`` needs. See README.md, "Configuration", for each knob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str | ModelArgs] = Field(default_factory=lambda: list(BUILTIN))
+    backend: str = "auto"
+    replicas: int = Field(default=2, ge=1)
+    gpus_per_replica: Literal["auto"] | float = "auto"
+    cpus_per_replica: float = Field(default=0.5, ge=0)
+    router_replicas: int = Field(default=1, ge=1)
+    router_cpus: float = Field(default=0.25, ge=0)
+    max_batch: int | None = Field(default=None, ge=1)
+    pool_size: int = Field(default=4, ge=1)
+    spares: int = Field(default=1, ge=0)
+    engine_max_ongoing_requests: int = Field(default=32, ge=1)
+    router_max_ongoing_requests: int = Field(default=256, ge=1)
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    exit_after_device_failure_s: float = Field(default=0.5, ge=0)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    cache_dir: str = str(DEFAULT_CACHE_DIR)
+    retry: dict[str, Any] = Field(default_factory=dict)
+    faults: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend '{value}'; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("gpus_per_replica")
+    @classmethod
+    def _gpus(cls, value: str | float) -> str | float:
+        if value != "auto" and float(value) < 0:
+            raise ValueError("gpus_per_replica must be 'auto' or a number >= 0")
+        return value
+
+    @field_validator("retry")
+    @classmethod
+    def _retry(cls, value: dict[str, Any]) -> dict[str, Any]:
+        RetryPolicy.from_dict(value)
+        return value
+
+    @field_validator("faults")
+    @classmethod
+    def _faults(cls, value: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for raw in value:
+            Fault.from_dict(raw)
+        return value
+
+    def model_list(self) -> list[ModelArgs]:
+        out = [m if isinstance(m, ModelArgs) else ModelArgs(model=m) for m in self.models]
+        if not out:
+            raise ValueError("no models to serve")
+        return [m if m.max_batch is not None else m.model_copy(update={"max_batch": self.max_batch})
+                for m in out]
+
+    def engine_config(self) -> dict[str, Any]:
+        """The EngineReplica's constructor argument (changing it replaces replicas)."""
+        return {
+            "models": [m.model_dump() for m in self.model_list()],
+            "backend": self.backend,
+            "pool_size": self.pool_size,
+            "spares": self.spares,
+            "cache_dir": self.cache_dir,
+            "exit_after_device_failure_s": self.exit_after_device_failure_s,
+        }
+
+    def engine_user_config(self) -> dict[str, Any]:
+        """What an EngineReplica takes live: local retries and faults."""
+        return {
+            "local_retries": RetryPolicy.from_dict(self.retry).local_retries,
+            "faults": self.faults,
+        }
+
+    def router_user_config(self) -> dict[str, Any]:
+        return {"retry": self.retry, "max_body_bytes": self.max_body_bytes}
+
+
+def cache_path(raw: str) -> Path:
+    return Path(raw).expanduser()

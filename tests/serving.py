@@ -1,0 +1,94 @@
+"""Helpers for tests that run the real app on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.app import APP_NAME, build_app
+
+X = {"x": np.ones((2, 16), np.float32)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:
+    """Replace the trtserve app with a fresh one (new replicas) built from ``args``."""
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    base: dict[str, Any] = {
+        "models": ["tiny"],
+        "replicas": 2,
+        "cpus_per_replica": 0,
+        "router_cpus": 0,
+        "gpus_per_replica": 0,
+        "health_check_period_s": 1,
+        "cache_dir": str(cache_dir),
+    }
+    return serve.run(build_app({**base, **args}), name=APP_NAME, route_prefix="/")
+
+
+def engine() -> DeploymentHandle:
+    return serve.get_deployment_handle("EngineReplica", APP_NAME)
+
+
+def describe_all() -> list[dict[str, Any]]:
+    return [r for r in engine().broadcast("describe").results(timeout_s=30)]
+
+
+def replica_ids() -> set[str]:
+    return {r["replica_id"] for r in describe_all()}
+
+
+def inject(fault: dict[str, Any], target: str) -> dict[str, Any]:
+    return engine().inject_fault.remote(fault, target=target).result(timeout_s=30)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return condition()
+
+
+def load(
+    router: DeploymentHandle,
+    total: int,
+    in_flight: int,
+    on_progress: Callable[[int], None] | None = None,
+    inputs: dict[str, np.ndarray] = X,
+) -> list[tuple[dict[str, np.ndarray], list[dict[str, Any]]] | BaseException]:
+    """``total`` requests through the router, ``in_flight`` at a time; every outcome kept."""
+    done = 0
+    lock = threading.Lock()
+
+    def one(_: int) -> Any:
+        nonlocal done
+        try:
+            result = router.infer_with_trail.remote("tiny", inputs, timeout=30).result()
+        except BaseException as exc:  # kept, and asserted on by the caller
+            result = exc
+        with lock:
+            done += 1
+            count = done
+        if on_progress is not None:
+            on_progress(count)
+        return result
+
+    with ThreadPoolExecutor(in_flight) as pool:
+        return list(pool.map(one, range(total)))

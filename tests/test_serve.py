@@ -1,0 +1,147 @@
+"""The app on a real local Ray cluster: GPU pinning, local and cross-replica retries, and
+the errors a caller sees when retries cannot help. Faults are injected at the backend
+boundary of real ONNX Runtime replicas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import requests
+from ray import serve
+
+from engines import models
+from engines.errors import InvalidInput
+
+from .serving import X, deploy, describe_all, free_port, inject, load, replica_ids, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    # Logical GPUs: Ray schedules num_gpus on a CPU machine as it would on real ones.
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _assert_all_answered(results: list) -> list[list[dict]]:
+    trails = []
+    for result in results:
+        assert not isinstance(result, BaseException), repr(result)
+        outputs, trail = result
+        np.testing.assert_allclose(
+            outputs["probs"], models.tiny_reference(X["x"])["probs"], rtol=1e-5, atol=1e-6
+        )
+        trails.append(trail)
+    return trails
+
+
+def test_each_replica_gets_its_own_gpu_or_a_share(http_port: int, cache_dir: Path) -> None:
+    deploy(cache_dir, gpus_per_replica=1)
+    gpus = [tuple(r["device"]["ray_gpu_ids"]) for r in describe_all()]
+    assert len(gpus) == 2 and all(len(g) == 1 for g in gpus)
+    assert gpus[0] != gpus[1]
+    deploy(cache_dir, gpus_per_replica=0.5)
+    shared = [tuple(r["device"]["ray_gpu_ids"]) for r in describe_all()]
+    assert len(shared) == 2 and shared[0] == shared[1]
+
+
+def test_a_context_fault_is_retried_in_the_same_replica(http_port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir)
+    victim = sorted(replica_ids())[0]
+    # Two failures in total, within local_retries=2: no request can need another replica.
+    inject({"kind": "context", "count": 2}, target=victim)
+    trails = _assert_all_answered(load(router, total=200, in_flight=8))
+    retried = [t for t in trails if any(a["outcome"] == "ContextFailure" for a in t)]
+    assert retried, "the injected context faults never fired"
+    assert sum(a["outcome"] == "ContextFailure" for t in retried for a in t) == 2
+    for trail in retried:
+        assert {a["replica"] for a in trail} == {victim}
+        assert trail[-1]["outcome"] == "ok"
+        generations = [a["generation"] for a in trail]
+        assert len(set(generations)) == len(generations), trail
+
+
+def test_a_device_fault_under_load_loses_no_request(http_port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir)
+    victim, survivor = sorted(replica_ids())
+    injected = []
+
+    def break_victim(done: int) -> None:
+        if done == 50 and not injected:
+            injected.append(inject({"kind": "device"}, target=victim))
+
+    trails = _assert_all_answered(load(router, 500, 8, on_progress=break_victim))
+    assert injected
+    failed = [t for t in trails if any(a["outcome"] != "ok" for a in t)]
+    assert failed, "no request ever reached the broken replica"
+    for trail in failed:
+        assert trail[0]["replica"] == victim and trail[0]["outcome"] == "DeviceFailure"
+        assert trail[-1] == {**trail[-1], "outcome": "ok", "replica": survivor}
+    assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
+
+
+def test_a_replica_crashing_mid_load_loses_no_request(http_port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir)
+    victim = sorted(replica_ids())[0]
+    injected = []
+
+    def crash_victim(done: int) -> None:
+        if done == 50 and not injected:
+            injected.append(inject({"kind": "crash"}, target=victim))
+
+    trails = _assert_all_answered(load(router, 300, 8, on_progress=crash_victim))
+    assert injected
+    assert any(a["outcome"] == "ReplicaFailure" for t in trails for a in t)
+    assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
+
+
+def test_a_request_whose_only_replica_keeps_failing_is_a_503(
+    http_port: int, cache_dir: Path
+) -> None:
+    deploy(cache_dir, replicas=1, faults=[{"kind": "context", "count": 1000}])
+    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+    reply = requests.post(
+        f"http://127.0.0.1:{http_port}/v2/models/tiny/infer",
+        json=body,
+        headers={"trtserve-timeout": "3"},
+        timeout=30,
+    )
+    assert reply.status_code == 503, reply.text
+    assert "no healthy replica left" in reply.json()["error"]
+    trail = json.loads(reply.headers["trtserve-attempts"])
+    assert [a["outcome"] for a in trail] == ["ContextFailure"] * 3
+
+
+def test_a_tiny_deadline_is_a_504(http_port: int, cache_dir: Path) -> None:
+    deploy(cache_dir, replicas=1, faults=[{"kind": "hang", "seconds": 3}])
+    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+    reply = requests.post(
+        f"http://127.0.0.1:{http_port}/v2/models/tiny/infer",
+        json=body,
+        headers={"trtserve-timeout": "0.5"},
+        timeout=30,
+    )
+    assert reply.status_code == 504, reply.text
+    assert "deadline passed" in reply.json()["error"]
+    assert "trtserve-attempts" in reply.headers
+
+
+def test_bad_input_is_refused_at_the_router(http_port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir)
+    router.infer.remote("tiny", X).result()
+    seen = sum(r["requests_seen"] for r in describe_all())
+    with pytest.raises(InvalidInput, match="'x': expected dtype float32, got float64"):
+        router.infer.remote("tiny", {"x": X["x"].astype(np.float64)}).result()
+    with pytest.raises(InvalidInput, match="unknown input tensor"):
+        router.infer.remote("tiny", {"y": X["x"]}).result()
+    assert sum(r["requests_seen"] for r in describe_all()) == seen
