@@ -1,5 +1,5 @@
-"""CUDA through cuda-python (``cuda.bindings``): device queries, and CUDA error codes mapped
-onto the taxonomy.
+"""CUDA through cuda-python (``cuda.bindings``): device queries, device and pinned host
+buffers, streams and async copies, and CUDA error codes mapped onto the taxonomy.
 
 A sticky error (illegal address, launch failure, uncorrectable ECC...) leaves the CUDA
 context of the whole process unusable: every later call fails, a new stream included. Those
@@ -12,9 +12,15 @@ without one instead of failing at import.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import ContextFailure, DeviceFailure, TrtServeError
+import numpy as np
+
+from .errors import ContextFailure, DeviceFailure, EngineLoadFailure, TrtServeError
 
 # cudaError_t values whose effect is sticky (CUDA runtime API docs, "Error Handling").
 STICKY_ERRORS: dict[int, str] = {
@@ -79,3 +85,195 @@ def visible_device_count() -> int:
     if err != runtime.cudaError_t.cudaSuccess:
         return 0
     return int(count)
+
+
+# --- devices, buffers, streams ------------------------------------------------------------
+#
+# Every call below goes through check(), so a failing CUDA call always surfaces as a taxonomy
+# error (DeviceFailure for a sticky code, ContextFailure otherwise), never as a silently
+# ignored status tuple.
+
+
+def _runtime() -> Any:
+    try:
+        from cuda.bindings import runtime
+    except ImportError as exc:
+        raise EngineLoadFailure(
+            f"cuda-python is not installed ({exc}); install it with `pip install cuda-python`"
+        ) from exc
+    return runtime
+
+
+def check(result: tuple[Any, ...], what: str) -> Any:
+    """Unwrap a cuda-python ``(error, *values)`` result, raising error_for() on a failure.
+
+    Returns the single value, a tuple of several, or None when the call returns only a status.
+    """
+    err, *values = result
+    if int(err) != 0:
+        raise error_for(int(err), what)
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    ordinal: int
+    name: str
+    major: int
+    minor: int
+    total_memory: int
+    uuid: str
+
+    @property
+    def compute_capability(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    def describe(self) -> str:
+        return f"GPU {self.ordinal} ({self.name}, compute capability {self.compute_capability})"
+
+
+def device_info(ordinal: int = 0) -> DeviceInfo | None:
+    """The visible GPU ``ordinal``; None where there is no usable driver or no such GPU."""
+    if no_device_reason(ordinal) is not None:
+        return None
+    runtime = _runtime()
+    try:
+        props = check(
+            runtime.cudaGetDeviceProperties(ordinal), f"cudaGetDeviceProperties({ordinal})"
+        )
+    except TrtServeError:
+        return None
+    name = props.name.split(b"\0", 1)[0].decode(errors="replace")
+    return DeviceInfo(ordinal, name, int(props.major), int(props.minor), int(props.totalGlobalMem),
+                      _uuid_text(bytes(props.uuid.bytes)))
+
+
+def _uuid_text(raw: bytes) -> str:
+    """As nvidia-smi prints it: GPU-8-4-4-4-12 hex digits."""
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def no_device_reason(ordinal: int = 0) -> str | None:
+    """Why CUDA offers no GPU ``ordinal`` to this process, in CUDA's own words; None if it does."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return "cuda-python is not installed"
+    err, count = runtime.cudaGetDeviceCount()
+    if int(err) != 0:
+        return f"cudaGetDeviceCount failed: {_describe(int(err))}"
+    if ordinal >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        return f"CUDA sees {count} GPU(s){where}, so there is no GPU {ordinal}"
+    return None
+
+
+def _describe(code: int) -> str:
+    name = STICKY_ERRORS.get(code) or _error_name(code)
+    text = ""
+    try:
+        from cuda.bindings import runtime
+
+        err, raw = runtime.cudaGetErrorString(runtime.cudaError_t(code))
+        if int(err) == 0:
+            text = ": " + raw.decode(errors="replace")
+    except (ImportError, ValueError):
+        pass
+    return f"CUDA error {code} ({name}{text})"
+
+
+def set_device(ordinal: int) -> None:
+    """Make ``ordinal`` current for the calling thread (CUDA's current device is per thread)."""
+    check(_runtime().cudaSetDevice(ordinal), f"cudaSetDevice({ordinal})")
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory from cudaMalloc (256-byte aligned, as TensorRT requires)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = int(nbytes)
+        # cudaMalloc(0) returns a null pointer, which TensorRT rejects as a tensor address.
+        self.ptr: int = int(check(_runtime().cudaMalloc(max(self.nbytes, 1)),
+                                  f"cudaMalloc({self.nbytes} bytes)"))
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            check(_runtime().cudaFree(ptr), "cudaFree")
+
+
+class PinnedBuffer:
+    """``nbytes`` of page-locked host memory, so async copies really are asynchronous."""
+
+    def __init__(self, nbytes: int) -> None:
+        runtime = _runtime()
+        self.nbytes = int(nbytes)
+        self.ptr: int = int(check(
+            runtime.cudaHostAlloc(max(self.nbytes, 1), runtime.cudaHostAllocDefault),
+            f"cudaHostAlloc({self.nbytes} bytes)",
+        ))
+
+    def view(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """A numpy array over the start of the buffer; valid only until free()."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if count * dtype.itemsize > self.nbytes:
+            raise ValueError(
+                f"{list(shape)} of {dtype.name} needs {count * dtype.itemsize} bytes, "
+                f"the pinned buffer has {self.nbytes}"
+            )
+        raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            ptr, self.ptr = self.ptr, 0
+            check(_runtime().cudaFreeHost(ptr), "cudaFreeHost")
+
+
+class Stream:
+    """A non-blocking stream: it never synchronizes with the legacy default stream."""
+
+    def __init__(self) -> None:
+        runtime = _runtime()
+        self._stream: Any = check(
+            runtime.cudaStreamCreateWithFlags(runtime.cudaStreamNonBlocking),
+            "cudaStreamCreateWithFlags",
+        )
+
+    @property
+    def handle(self) -> int:
+        """The raw cudaStream_t, as TensorRT's execute_async_v3 takes it."""
+        return int(self._stream)
+
+    def synchronize(self, what: str) -> None:
+        check(_runtime().cudaStreamSynchronize(self._stream), f"{what}: cudaStreamSynchronize")
+
+    def destroy(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            check(_runtime().cudaStreamDestroy(stream), "cudaStreamDestroy")
+
+
+def copy_to_device_async(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream,
+                         what: str) -> None:
+    runtime = _runtime()
+    check(
+        runtime.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes,
+                                runtime.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
+        f"{what}: cudaMemcpyAsync host to device ({nbytes} bytes)",
+    )
+
+
+def copy_to_host_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream: Stream,
+                       what: str) -> None:
+    runtime = _runtime()
+    check(
+        runtime.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes,
+                                runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
+        f"{what}: cudaMemcpyAsync device to host ({nbytes} bytes)",
+    )

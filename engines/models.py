@@ -18,8 +18,6 @@ outputs across processes.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import DEFAULT_CACHE_DIR
+from .files import write_atomic
 
 # Bump a recipe's version when its output changes, so cached files are regenerated.
 _RECIPES: dict[str, str] = {"tiny": "v1", "resnet50": "v1"}
@@ -198,24 +197,11 @@ def _consumed(graph: object) -> set[str]:
 _GENERATORS: dict[str, Callable[[], bytes]] = {"tiny": tiny_onnx, "resnet50": resnet50_onnx}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Several replicas may generate the same file at once: write aside, then rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def builtin_path(name: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """Where the generated file for built-in ``name`` lives; generated on first use."""
     path = cache_dir / "models" / f"{name}-{_RECIPES[name]}.onnx"
     if not path.exists():
-        _write_atomic(path, _GENERATORS[name]())
+        write_atomic(path, _GENERATORS[name]())
     return path
 
 
