@@ -105,17 +105,21 @@ def test_a_replica_crashing_mid_load_loses_no_request(http_port: int, cache_dir:
     assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
 
 
+def _post_tiny(port: int, timeout_s: float) -> requests.Response:
+    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
+    return requests.post(
+        f"http://127.0.0.1:{port}/v2/models/tiny/infer",
+        json=body,
+        headers={"trtserve-timeout": str(timeout_s)},
+        timeout=30,
+    )
+
+
 def test_a_request_whose_only_replica_keeps_failing_is_a_503(
     http_port: int, cache_dir: Path
 ) -> None:
     deploy(cache_dir, replicas=1, faults=[{"kind": "context", "count": 1000}])
-    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
-    reply = requests.post(
-        f"http://127.0.0.1:{http_port}/v2/models/tiny/infer",
-        json=body,
-        headers={"trtserve-timeout": "3"},
-        timeout=30,
-    )
+    reply = _post_tiny(http_port, 3)
     assert reply.status_code == 503, reply.text
     assert "no healthy replica left" in reply.json()["error"]
     trail = json.loads(reply.headers["trtserve-attempts"])
@@ -124,13 +128,7 @@ def test_a_request_whose_only_replica_keeps_failing_is_a_503(
 
 def test_a_tiny_deadline_is_a_504(http_port: int, cache_dir: Path) -> None:
     deploy(cache_dir, replicas=1, faults=[{"kind": "hang", "seconds": 3}])
-    body = {"inputs": [{"name": "x", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}]}
-    reply = requests.post(
-        f"http://127.0.0.1:{http_port}/v2/models/tiny/infer",
-        json=body,
-        headers={"trtserve-timeout": "0.5"},
-        timeout=30,
-    )
+    reply = _post_tiny(http_port, 0.5)
     assert reply.status_code == 504, reply.text
     assert "deadline passed" in reply.json()["error"]
     assert "trtserve-attempts" in reply.headers

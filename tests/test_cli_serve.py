@@ -1,0 +1,87 @@
+"""``trtserve serve``: starts Ray when none runs, serves until a signal, leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .serving import free_port
+
+pytestmark = pytest.mark.integration
+
+JOIN = """
+import numpy as np, ray
+from ray import serve
+ray.init(address="auto", logging_level="ERROR")
+out = serve.get_app_handle("trtserve").infer.remote("tiny", {"x": np.ones((1, 16), np.float32)})
+print("joined", out.result(timeout_s=60)["probs"].shape)
+"""
+
+NO_CLUSTER = """
+import ray
+try:
+    ray.init(address="auto", logging_level="ERROR")
+except ConnectionError:
+    print("no cluster")
+"""
+
+
+def _start(cache_dir: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deployments.cli", "--cache-dir", str(cache_dir), "serve",
+         "--model", "tiny", "--replicas", "1", "--cpus-per-replica", "0", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    assert proc.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if marker in line:
+            return seen
+    raise AssertionError(f"no '{marker}' within {timeout_s} s:\n{''.join(seen[-40:])}")
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path) -> None:
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray running in this process"
+    proc = _start(cache_dir, free_port())
+    try:
+        lines = _read_until(proc, "trtserve: ready at", 180)
+        assert any("started a Ray cluster" in line for line in lines)
+        assert "joined (1, 8)" in _python(JOIN)
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:  # a terminal's Ctrl-C reaches the whole foreground process group
+            os.killpg(proc.pid, signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, rest[-3000:]
+    assert "trtserve: shutting down" in rest
+    assert "no cluster" in _python(NO_CLUSTER)
