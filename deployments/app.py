@@ -28,9 +28,8 @@ def gpus_per_replica(setting: str | float) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
-    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
-    engine = EngineReplica.options(
+def bind_engine(args: AppArgs) -> Application:
+    return EngineReplica.options(
         num_replicas=args.replicas,
         ray_actor_options={
             "num_cpus": args.cpus_per_replica,
@@ -40,6 +39,9 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         health_check_period_s=args.health_check_period_s,
         user_config=args.engine_user_config(),
     ).bind(args.engine_config())
+
+
+def bind_router(args: AppArgs, engine: Application) -> Application:
     return Router.options(
         num_replicas=args.router_replicas,
         ray_actor_options={"num_cpus": args.router_cpus},
@@ -48,3 +50,12 @@ def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=args.router_max_ongoing_requests,
         user_config=args.router_user_config(),
     ).bind(engine)
+
+
+def parse_args(args: AppArgs | dict[str, Any] | None) -> AppArgs:
+    return args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
+
+
+def build_app(args: AppArgs | dict[str, Any] | None = None) -> Application:
+    parsed = parse_args(args)
+    return bind_router(parsed, bind_engine(parsed))

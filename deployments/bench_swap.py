@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from engines.backend import Engine, LoadOptions, load_engine
+from engines.backend import LoadOptions, load_engine
 from engines.models import ModelSource
 from engines.pool import ContextPool
+from engines.spec import example_inputs
 
 
 @dataclass(frozen=True)
@@ -50,15 +49,6 @@ class SwapResult:
         )
 
 
-def _sample_inputs(engine: Engine) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    inputs = {}
-    for t in engine.spec.inputs:
-        shape = tuple(1 if d < 0 else d for d in t.shape)
-        inputs[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    return inputs
-
-
 def measure_swap(
     source: ModelSource,
     backend: str = "auto",
@@ -67,7 +57,7 @@ def measure_swap(
     progress: Callable[[str], None] = print,
 ) -> SwapResult:
     engine = load_engine(source, backend, LoadOptions())
-    inputs = _sample_inputs(engine)
+    inputs = example_inputs(engine.spec, seed=0)
     warm_pool = ContextPool(engine, size=1, spares=1)
     cold_pool = ContextPool(engine, size=1, spares=0)
     warm: list[float] = []

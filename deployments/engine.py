@@ -28,7 +28,7 @@ from engines.errors import DeviceFailure, UnknownModel
 from engines.faults import Fault, FaultInjector, FaultyEngine
 from engines.models import resolve
 from engines.runner import ModelRunner
-from engines.spec import IOSpec
+from engines.spec import example_inputs
 
 from .config import cache_path
 from .routing import AvoidFailedReplicasRouter
@@ -52,17 +52,6 @@ def device_report() -> dict[str, Any]:
             "compute_capability": info.compute_capability,
         },
     }
-
-
-def canary_inputs(spec: IOSpec) -> dict[str, np.ndarray]:
-    """The smallest valid request: batch 1, dynamic dims at their minimum (or 1)."""
-    inputs = {}
-    for t in spec.inputs:
-        shape = [
-            (t.min_shape[i] if t.min_shape else 1) if d < 0 else d for i, d in enumerate(t.shape)
-        ]
-        inputs[t.name] = np.zeros(shape, dtype=t.dtype)
-    return inputs
 
 
 class ReplicaCore:
@@ -145,7 +134,7 @@ class ReplicaCore:
         for name, runner in self.runners.items():
             try:
                 self.injector.check_device(name)
-                self._canaries[name].execute(canary_inputs(runner.spec))
+                self._canaries[name].execute(example_inputs(runner.spec))
             except Exception as exc:
                 failure = DeviceFailure(
                     f"replica {self.replica_id}: canary inference of {name} failed: {exc}",

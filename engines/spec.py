@@ -169,3 +169,22 @@ class IOSpec:
         if len(set(batches.values())) > 1:
             raise InvalidInput(f"inputs disagree on the batch size: {batches}")
         return checked
+
+
+def example_inputs(spec: IOSpec, seed: int | None = None) -> dict[str, np.ndarray]:
+    """The smallest valid request: batch 1, every dynamic dim at its minimum (or 1).
+
+    Zeros without ``seed`` (a canary); seeded standard-normal values with one (a benchmark).
+    """
+    rng = None if seed is None else np.random.default_rng(seed)
+    inputs = {}
+    for t in spec.inputs:
+        shape = tuple(
+            (t.min_shape[i] if t.min_shape else 1) if d == DYNAMIC else d
+            for i, d in enumerate(t.shape)
+        )
+        if rng is None:
+            inputs[t.name] = np.zeros(shape, dtype=t.dtype)
+        else:
+            inputs[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    return inputs
