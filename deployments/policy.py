@@ -162,7 +162,8 @@ class RequestRetries:
     """One request's attempts, and the decisions on them.
 
     ``after_failure(error, replica)`` records a failed attempt and either returns (try
-    another replica, avoiding ``exclude_now()``) or raises the error the request ends with,
+    another replica, not one in ``exclude_now()``, preferably not one in ``ejected_now()``)
+    or raises the error the request ends with,
     carrying the whole trail.
     """
 
@@ -182,9 +183,13 @@ class RequestRetries:
     def attempt_timeout_s(self, now: float | None = None) -> float:
         return max(0.0, min(self.policy.attempt_timeout_s, self.remaining_s(now)))
 
-    def exclude_now(self, now: float | None = None) -> list[str]:
-        """Replicas this attempt must avoid: those that failed it, and those ejected."""
-        return sorted(self.excluded | self.ejections.current(now))
+    def exclude_now(self) -> list[str]:
+        """Replicas this attempt must not go to: those that failed it."""
+        return sorted(self.excluded)
+
+    def ejected_now(self, now: float | None = None) -> list[str]:
+        """Replicas every request avoids for now, unless nothing else is left."""
+        return sorted(self.ejections.current(now) - self.excluded)
 
     def deadline_exceeded(self) -> DeadlineExceeded:
         return DeadlineExceeded(
@@ -200,8 +205,8 @@ class RequestRetries:
     def no_replica(self) -> RetriesExhausted:
         """The error for a request that found no replica to try before its deadline."""
         return RetriesExhausted(
-            f"{self.model}: no healthy replica left to try before the deadline (avoided: "
-            f"{', '.join(self.exclude_now()) or 'none'})",
+            f"{self.model}: no healthy replica left to try before the deadline (failed this "
+            f"request: {', '.join(self.exclude_now()) or 'none'})",
             trail=self.trail,
         )
 

@@ -189,7 +189,9 @@ class RouterCore:
         try:
             # Choosing may wait (every replica excluded or full): bounded by the deadline.
             async with asyncio.timeout(retries.remaining_s()) as scope:
-                async with method.choose_replica(model, exclude=retries.exclude_now()) as chosen:
+                async with method.choose_replica(
+                    model, exclude=retries.exclude_now(), ejected=retries.ejected_now()
+                ) as chosen:
                     replica = chosen.replica_id
                     scope.reschedule(loop.time() + retries.attempt_timeout_s())
                     return await method.dispatch(  # type: ignore[no-any-return]

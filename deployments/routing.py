@@ -5,7 +5,9 @@ Serve kept sending requests to a replica with a sticky CUDA error for 8 s. This 
 two keyword arguments that the Router passes to ``choose_replica``:
 
 - ``exclude``: replica ids (``ReplicaID.unique_id``) this request must not go to: those
-  that failed it, and those ejected for everyone (``policy.Ejections``);
+  that failed it;
+- ``ejected``: replica ids every request should avoid for a while (``policy.Ejections``),
+  unless nothing else is left;
 - ``target``: a single replica id the request must go to (fault injection, diagnostics).
 
 Among what is left it keeps the default's power of two choices (the base class then probes
@@ -29,13 +31,24 @@ _BACKOFF = RetryPolicy()
 
 
 def eligible(
-    candidates: Sequence[RunningReplica], exclude: Iterable[str], target: str | None
+    candidates: Sequence[RunningReplica],
+    exclude: Iterable[str],
+    ejected: Iterable[str],
+    target: str | None,
 ) -> list[RunningReplica]:
-    """The candidates a request may go to."""
+    """The candidates a request may go to.
+
+    ``exclude`` is hard (these failed this request). ``ejected`` is a preference: when it
+    would leave nothing, the ejected replicas are tried rather than none, so a burst of
+    failures across the fleet cannot eject every replica and stall all traffic.
+    """
     if target is not None:
         return [r for r in candidates if r.replica_id.unique_id == target]
-    avoid = set(exclude)
-    return [r for r in candidates if r.replica_id.unique_id not in avoid]
+    hard = set(exclude)
+    allowed = [r for r in candidates if r.replica_id.unique_id not in hard]
+    soft = set(ejected)
+    preferred = [r for r in allowed if r.replica_id.unique_id not in soft]
+    return preferred or allowed
 
 
 def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
@@ -60,7 +73,12 @@ class AvoidFailedReplicasRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         kwargs = _routing_kwargs(pending_request)
-        allowed = eligible(candidate_replicas, kwargs.get("exclude") or (), kwargs.get("target"))
+        allowed = eligible(
+            candidate_replicas,
+            kwargs.get("exclude") or (),
+            kwargs.get("ejected") or (),
+            kwargs.get("target"),
+        )
         available = self.select_available_replicas(allowed)
         if not available:
             await self._wait(pending_request)
