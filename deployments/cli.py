@@ -7,15 +7,32 @@ Ray is imported only inside the commands that need it, so ``trtserve models`` an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+from email.message import Message
 from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
 
 from engines import models
 from engines.backend import BACKENDS, DEFAULT_CACHE_DIR
 
+from .protocol import (
+    HEADER_LENGTH,
+    TIMEOUT_HEADER,
+    TRAIL_HEADER,
+    parse_header_length,
+    to_datatype,
+    to_numpy_dtype,
+)
+
 Command = Callable[[argparse.Namespace], int]
+# router.py's header names, repeated here: importing router.py would import Ray into `infer`.
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -57,7 +74,7 @@ def _app_args(args: argparse.Namespace) -> dict[str, object]:
         "backend": args.backend,
         "cache_dir": str(args.cache_dir),
     }
-    for name in ("max_batch", "cpus_per_replica"):
+    for name in ("max_batch", "cpus_per_replica", "max_body_bytes"):
         if getattr(args, name) is not None:
             chosen[name] = getattr(args, name)
     return chosen
@@ -97,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("trtserve: joined the Ray cluster running on this machine")
     except ConnectionError:
         # A new head node: other processes join it with ray.init(address="auto").
-        ray.init(logging_level=logging.WARNING)
+        ray.init(address="local", logging_level=logging.WARNING)
         started_ray = True
         print("trtserve: started a Ray cluster (join it with ray.init(address='auto'))")
     stop = threading.Event()
@@ -139,9 +156,149 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "64 for TensorRT plans)")
     p.add_argument("--cpus-per-replica", type=float, default=None,
                    help="CPUs Ray reserves per engine replica (default: 0.5)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="HTTP bodies over this size get 413 (default: 64 MiB)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.set_defaults(func=cmd_serve)
+
+
+class ServerError(Exception):
+    """A non-2xx answer, with the protocol's error message."""
+
+    def __init__(self, status: int, message: str, trail: str | None) -> None:
+        super().__init__(f"{status} {message}")
+        self.trail = trail
+
+
+def _http(url: str, body: bytes | None, headers: dict[str, str], timeout_s: float
+          ) -> tuple[bytes, Message]:
+    request = urllib.request.Request(url, data=body, headers=headers,
+                                     method="GET" if body is None else "POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
+            return reply.read(), reply.headers
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            message = str(json.loads(text)["error"])
+        except (ValueError, KeyError, TypeError):
+            # Not ours: the Serve proxy (or something in front of it) answered in plain text.
+            message = text.decode("utf-8", "replace").strip() or exc.reason
+        raise ServerError(exc.code, message, exc.headers.get(TRAIL_HEADER)) from None
+
+
+def _random_input(name: str, datatype: str, shape: list[int], batch: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    dims = [batch if d < 0 else d for d in shape]
+    dtype = to_numpy_dtype(datatype)
+    if dtype.kind == "f":
+        return rng.standard_normal(dims).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, min(100, int(np.iinfo(dtype).max)), dims, dtype=dtype)
+    if dtype.kind == "b":
+        return rng.random(dims) < 0.5
+    raise ValueError(f"input '{name}' is {datatype}: give it with --input {name}=FILE.npy")
+
+
+def _infer_body(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
+    described: list[dict[str, object]] = []
+    chunks: list[bytes] = []
+    for name, array in inputs.items():
+        datatype = to_datatype(array.dtype)
+        if datatype == "BYTES":
+            raise ValueError(f"input '{name}': BYTES tensors are not supported by this client")
+        entry: dict[str, object] = {"name": name, "datatype": datatype,
+                                    "shape": list(array.shape)}
+        # FP16 has no JSON form in the protocol, so it goes binary whatever was asked.
+        if binary or datatype == "FP16":
+            chunk = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = array.ravel().tolist()
+        described.append(entry)
+    doc: dict[str, object] = {"inputs": described}
+    if binary:
+        doc["parameters"] = {"binary_data_output": True}
+    header = json.dumps(doc).encode("utf-8")
+    if not chunks:
+        return header, {"Content-Type": "application/json"}
+    return b"".join([header, *chunks]), {"Content-Type": "application/octet-stream",
+                                         HEADER_LENGTH: str(len(header))}
+
+
+def _print_trail(raw: str | None) -> None:
+    for n, attempt in enumerate(json.loads(raw) if raw else [], 1):
+        where = f" on replica {attempt['replica']}" if attempt.get("replica") else ""
+        context = (f" (context generation {attempt['generation']})"
+                   if attempt.get("generation") is not None else "")
+        why = f": {attempt['message']}" if attempt.get("message") else ""
+        print(f"attempt {n}: {attempt['outcome']}{where}{context} in {attempt['ms']} ms{why}")
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    base = f"{args.url.rstrip('/')}/v2/models/{quote(args.model, safe='')}"
+    # The server's default deadline is 30 s; wait a little past whichever deadline applies.
+    wait_s = (args.timeout or 30.0) + 10.0
+    try:
+        given: dict[str, np.ndarray] = {}
+        for item in args.input or []:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"--input takes NAME=FILE.npy, got {item!r}")
+            given[name] = np.load(path, allow_pickle=False)
+        metadata = json.loads(_http(base, None, {}, wait_s)[0])
+        rng = np.random.default_rng(args.seed)
+        inputs: dict[str, np.ndarray] = {}
+        for t in metadata["inputs"]:
+            name = t["name"]
+            inputs[name] = (given.pop(name) if name in given
+                            else _random_input(name, t["datatype"], t["shape"], args.batch, rng))
+        # Tensors the model does not take still go out: the server says what is wrong.
+        inputs.update(given)
+        body, headers = _infer_body(inputs, args.binary)
+        if args.timeout is not None:
+            headers[TIMEOUT_HEADER] = str(args.timeout)
+        payload, reply_headers = _http(f"{base}/infer", body, headers, wait_s)
+    except ServerError as exc:
+        _print_trail(exc.trail)
+        print(f"trtserve: {exc}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        reason = ("connection refused (is `trtserve serve` running there?)"
+                  if isinstance(exc.reason, ConnectionRefusedError) else str(exc.reason))
+        print(f"trtserve: cannot reach {args.url}: {reason}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # timeouts, resets, bad --input values or files
+        print(f"trtserve: {exc}", file=sys.stderr)
+        return 2
+    end = parse_header_length(reply_headers.get(HEADER_LENGTH))
+    for out in json.loads(payload[:end])["outputs"]:
+        dtype = to_numpy_dtype(out["datatype"])
+        print(f"output {out['name']}: shape {out['shape']} dtype {dtype.name}")
+    _print_trail(reply_headers.get(TRAIL_HEADER))
+    return 0
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "infer", help="send one inference request to a running server and print what came back"
+    )
+    p.add_argument("model", help="the served model's name")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server (default: http://127.0.0.1:8000)")
+    p.add_argument("--input", action="append", metavar="NAME=FILE.npy",
+                   help="an input tensor from a .npy file; repeat for several (the rest are "
+                        "random)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="size of every dynamic dimension of the random inputs (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p.add_argument("--binary", action="store_true",
+                   help="send inputs and receive outputs as binary tensor data")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="the request's deadline in seconds (trtserve-timeout header)")
+    p.set_defaults(func=cmd_infer)
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +323,21 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_build)
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from .bench_serve import BenchSetup, run
+
+    # Joins the cluster named by RAY_ADDRESS if set, else starts a private one.
+    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    print(f"benchmarking router paths: {args.requests} requests per path and caller count, "
+          f"{args.rounds} interleaved rounds")
+    setup = BenchSetup(args.model, args.backend, args.replicas, args.gpus_per_replica,
+                       str(args.cache_dir))
+    print(run(setup, args.callers, args.requests, args.rounds, args.plot))
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -176,6 +348,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     swap.add_argument("--backend", default="auto", choices=BACKENDS)
     swap.add_argument("--trials", type=int, default=50)
     swap.set_defaults(func=cmd_bench_swap)
+    serve_ = kinds.add_parser(
+        "serve",
+        help="direct handle vs pass-through router vs trtserve's router, side by side",
+    )
+    serve_.add_argument("--callers", type=int, nargs="+", default=[1, 16])
+    serve_.add_argument("--requests", type=int, default=2000,
+                        help="requests per path and caller count (default: 2000)")
+    serve_.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds the requests are split into (default: 5)")
+    serve_.add_argument("--model", default="tiny", help="built-in name or .onnx path")
+    serve_.add_argument("--backend", default="auto", choices=BACKENDS)
+    serve_.add_argument("--replicas", type=int, default=2)
+    serve_.add_argument("--gpus-per-replica", type=float, default=0.0,
+                        help="e.g. 0.5 for two replicas sharing one GPU (default: 0)")
+    serve_.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    serve_.set_defaults(func=cmd_bench_serve)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,7 +378,7 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = top.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_build, _add_serve, _add_bench):
+    for add in (_add_models, _add_build, _add_serve, _add_infer, _add_bench):
         add(sub)
     return top
 

@@ -39,6 +39,10 @@ from engines.errors import InvalidInput, PayloadTooLarge
 from engines.spec import IOSpec, TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# trtserve's own headers: the attempt trail of an infer response (JSON), and a request's
+# deadline in seconds.
+TRAIL_HEADER = "trtserve-attempts"
+TIMEOUT_HEADER = "trtserve-timeout"
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 # Data nested deeper than any tensor's rank is hostile, not a tensor; 64 is numpy's own limit.
 MAX_DATA_DEPTH = 64

@@ -17,18 +17,21 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
+from starlette.exceptions import HTTPException
 
 from engines.errors import (
     DeadlineExceeded,
     InvalidInput,
     PayloadTooLarge,
     ReplicaFailure,
+    RetriesExhausted,
     TrtServeError,
     UnknownModel,
 )
@@ -40,8 +43,6 @@ from .policy import Ejections, RequestRetries, RetryBudget, RetryPolicy
 
 log = logging.getLogger("ray.serve")
 
-TRAIL_HEADER = "trtserve-attempts"
-TIMEOUT_HEADER = "trtserve-timeout"
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,12 @@ class RouterCore:
     async def models(self, timeout_s: float = 60.0) -> dict[str, ModelInfo]:
         """What the replicas serve, asked once of any replica (they all hold every model)."""
         if self._models is None:
-            described = await asyncio.wait_for(self.engine.describe.remote(), timeout_s)
+            try:
+                described = await asyncio.wait_for(self.engine.describe.remote(), timeout_s)
+            except TimeoutError:
+                raise RetriesExhausted(
+                    f"no engine replica answered within {timeout_s:g} s; none is up yet?"
+                ) from None
             self._models = {
                 name: ModelInfo(name, m["version"], m["backend"], m["spec"])
                 for name, m in described["models"].items()
@@ -215,7 +221,7 @@ class RouterCore:
 
 
 def _error_response(err: TrtServeError) -> JSONResponse:
-    headers = {TRAIL_HEADER: json.dumps(err.trail)}
+    headers = {protocol.TRAIL_HEADER: json.dumps(err.trail)}
     return JSONResponse(protocol.error_body(err.message), err.http_status, headers=headers)
 
 
@@ -227,9 +233,9 @@ def _timeout(header: str | None, from_body: float | None) -> float | None:
     try:
         value = float(header)
     except ValueError:
-        raise InvalidInput(f"{TIMEOUT_HEADER} must be seconds, got {header!r}") from None
+        raise InvalidInput(f"{protocol.TIMEOUT_HEADER} must be seconds, got {header!r}") from None
     if not value > 0 or value == float("inf"):
-        raise InvalidInput(f"{TIMEOUT_HEADER} must be > 0 seconds, got {header!r}")
+        raise InvalidInput(f"{protocol.TIMEOUT_HEADER} must be > 0 seconds, got {header!r}")
     return value
 
 
@@ -238,7 +244,36 @@ def _timeout(header: str | None, from_body: float | None) -> float | None:
 fastapi_app = FastAPI(
     title="trtserve",
     description="Open Inference Protocol v2 (KServe / Triton HTTP) over fault-tolerant Serve",
+    # A path the protocol does not define is a 404 in the protocol's shape, not a bodiless
+    # 307 to a neighbouring path that a client may or may not follow.
+    redirect_slashes=False,
 )
+
+
+# FastAPI answers routing and validation failures itself with {"detail": ...}, which
+# tritonclient cannot read: every answer of this app is the protocol's {"error": ...}.
+@fastapi_app.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        message = (f"no route {request.method} {request.url.path}; the Open Inference "
+                   f"Protocol is served under /v2")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = (f"method {request.method} is not allowed on {request.url.path} "
+                   f"(allowed: {allowed})")
+    else:
+        message = str(exc.detail)
+    return JSONResponse(protocol.error_body(message), exc.status_code, headers=exc.headers)
+
+
+@fastapi_app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    # The protocol calls a malformed request 400; FastAPI's 422 would confuse clients.
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in e.get('loc', ()))}: {e.get('msg', '')}"
+        for e in exc.errors()
+    )
+    return JSONResponse(protocol.error_body(f"malformed request: {problems}"), 400)
 
 
 @serve.deployment(name="Router")
@@ -270,7 +305,10 @@ class Router:
     @fastapi_app.get("/v2/health/ready")
     async def ready(self) -> Response:
         ready = await self._ready_models()
-        known = await self.core.models()
+        try:
+            known = await self.core.models(timeout_s=10.0)
+        except TrtServeError:
+            known = {}
         ok = bool(known) and all(ready.get(name, False) for name in known)
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
@@ -328,7 +366,7 @@ class Router:
                 info.spec,
                 self.core.max_body_bytes,
             )
-            timeout = _timeout(request.headers.get(TIMEOUT_HEADER), decoded.timeout_s)
+            timeout = _timeout(request.headers.get(protocol.TIMEOUT_HEADER), decoded.timeout_s)
             outputs, trail = await self.core.infer(model, decoded.inputs, timeout, version)
             payload, headers = protocol.encode_infer_response(
                 info.name,
@@ -340,7 +378,7 @@ class Router:
             )
         except TrtServeError as err:
             return _error_response(err)
-        headers[TRAIL_HEADER] = json.dumps(trail)
+        headers[protocol.TRAIL_HEADER] = json.dumps(trail)
         return Response(payload, headers=headers, media_type=headers.pop("Content-Type", None))
 
     async def _body(self, request: Request) -> bytes:

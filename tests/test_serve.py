@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     # Logical GPUs: Ray schedules num_gpus on a CPU machine as it would on real ones.
-    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False)
+    # address="local": a cluster of its own, even where another one runs on this machine.
+    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
