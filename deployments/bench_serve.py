@@ -221,9 +221,9 @@ def plot(results: dict[tuple[str, int], Series], callers: list[int], path: Path,
                  label=mode)
         right.bar(x + i * width, [results[(mode, n)].pct(50) for n in callers], width,
                   label=mode)
-    for ax, title in ((left, "throughput (req/s)"), (right, "p50 latency (ms)")):
+    for ax, label in ((left, "throughput (req/s)"), (right, "p50 latency (ms)")):
         ax.set_xticks(x + 0.4 - width / 2, [f"{n} caller(s)" for n in callers])
-        ax.set_title(title)
+        ax.set_title(label)
     left.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -5,6 +5,7 @@ A sticky error (illegal address, launch failure, uncorrectable ECC...) leaves th
 context of the whole process unusable: every later call fails, a new stream included. Those
 become DeviceFailure, and the replica must restart. Any other CUDA error concerns one
 operation, and a fresh execution context may succeed: ContextFailure.
+``provoke_illegal_address`` causes a real one on purpose, for the ``cuda`` fault kind.
 
 cuda-python imports without a driver, so everything here degrades to "no GPU" on a machine
 without one instead of failing at import.
@@ -277,3 +278,90 @@ def copy_to_host_async(dst: PinnedBuffer, src: DeviceBuffer, nbytes: int, stream
                                 runtime.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
         f"{what}: cudaMemcpyAsync device to host ({nbytes} bytes)",
     )
+
+
+# --- a real sticky fault, on purpose ------------------------------------------------------
+
+# Device address 0x100 lies in the page CUDA never maps (its null page), so the store is
+# outside every allocation of every library in the process. A constant address, rather than
+# a null pointer, keeps the compiler from treating the store as undefined and dropping it.
+_SCRIBBLE_SOURCE = b"""
+extern "C" __global__ void scribble() {
+    *reinterpret_cast<volatile unsigned long long*>(0x100ull) = 0xdeadull;
+}
+"""
+
+
+def provoke_illegal_address(ordinal: int = 0) -> int:
+    """Break GPU ``ordinal`` for this whole process with a real illegal-address error.
+
+    Compiles a one-thread kernel with NVRTC, launches it on the device's primary context (the
+    one the runtime API, and so ONNX Runtime's CUDA provider, work in), and returns the CUDA
+    error code the synchronization reports: 700 (cudaErrorIllegalAddress). From then on every
+    CUDA call in this process fails. Raises EngineLoadFailure where there is no GPU, driver
+    or NVRTC to do it with.
+    """
+    reason = no_device_reason(ordinal)
+    if reason is not None:
+        raise EngineLoadFailure(f"cannot provoke a CUDA fault on GPU {ordinal}: {reason}")
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError as exc:
+        raise EngineLoadFailure(f"cannot provoke a CUDA fault: {exc}") from exc
+    check(driver.cuInit(0), "cuInit")
+    device = check(driver.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+    attribute = driver.CUdevice_attribute
+    major = check(driver.cuDeviceGetAttribute(
+        attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, device), "cuDeviceGetAttribute")
+    minor = check(driver.cuDeviceGetAttribute(
+        attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, device), "cuDeviceGetAttribute")
+    cubin = _compile(nvrtc, f"sm_{major}{minor}")
+    # Retained and never released: dropping the last reference would destroy the context,
+    # and with it the very error this function exists to leave behind.
+    context = check(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+    check(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent(primary context)")
+    module = check(driver.cuModuleLoadData(cubin), "cuModuleLoadData")
+    kernel = check(driver.cuModuleGetFunction(module, b"scribble"), "cuModuleGetFunction")
+    check(driver.cuLaunchKernel(kernel, 1, 1, 1, 1, 1, 1, 0, 0, None, 0), "cuLaunchKernel")
+    (err,) = driver.cuCtxSynchronize()
+    return int(err)
+
+
+def _compile(nvrtc: Any, arch: str) -> bytes:
+    """The scribble kernel as a cubin for ``arch``, so no PTX JIT (and its driver-version
+    constraints) is involved."""
+    try:
+        program = _nvrtc_check(
+            nvrtc, nvrtc.nvrtcCreateProgram(_SCRIBBLE_SOURCE, b"scribble.cu", 0, [], []),
+            "nvrtcCreateProgram",
+        )
+    except RuntimeError as exc:  # cuda-pathfinder found no libnvrtc
+        raise EngineLoadFailure(
+            f"cannot provoke a CUDA fault: NVRTC is unavailable: {exc}"
+        ) from exc
+    try:
+        options = [f"--gpu-architecture={arch}".encode()]
+        (err,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        if int(err) != 0:
+            size = _nvrtc_check(nvrtc, nvrtc.nvrtcGetProgramLogSize(program), "log size")
+            text = b" " * size
+            _nvrtc_check(nvrtc, nvrtc.nvrtcGetProgramLog(program, text), "nvrtcGetProgramLog")
+            raise EngineLoadFailure(
+                f"NVRTC cannot compile the fault kernel for {arch}: "
+                f"{text.decode(errors='replace').strip()}"
+            )
+        size = _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBINSize(program), "nvrtcGetCUBINSize")
+        cubin = b" " * size  # NVRTC fills it in place, as cuda-python's own examples do
+        _nvrtc_check(nvrtc, nvrtc.nvrtcGetCUBIN(program, cubin), "nvrtcGetCUBIN")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+
+
+def _nvrtc_check(nvrtc: Any, result: tuple[Any, ...], what: str) -> Any:
+    """check() for NVRTC, whose status codes are not CUDA error codes."""
+    err, *values = result
+    if int(err) != 0:
+        _, name = nvrtc.nvrtcGetErrorString(err)
+        raise EngineLoadFailure(f"{what} failed: {name.decode(errors='replace')}")
+    return values[0] if values else None

@@ -7,10 +7,18 @@ each execution. Faults behave as the real failures do, as seen from above the ba
   (ContextFailure). A fresh context then succeeds.
 - ``device``: sticky. Every later execution in this process fails with DeviceFailure, a new
   context included, as after a CUDA illegal-address error.
+- ``cuda``: the real thing. The next execution first runs a kernel that writes outside any
+  allocation (``cuda.provoke_illegal_address``), then goes ahead; the backend's own call meets
+  the broken context, fails with CUDA error 700, and the backend's error mapping makes it
+  DeviceFailure. Nothing here pretends: every later CUDA call in the process fails because the
+  GPU state really is lost. It strikes GPU 0 of this process (a Serve replica's own GPU, as
+  Ray sets CUDA_VISIBLE_DEVICES), is refused at injection where there is none, and breaks only
+  what runs on it: an engine on the CPU goes on answering, as it would after a real fault.
 - ``hang``: the next ``count`` executions block for ``seconds`` and then complete.
 - ``crash``: the next execution ends the process at once (``os._exit``), as a segfault would.
 
-``model`` restricts a fault to one model; None means any model in this process.
+``model`` restricts a fault to one model; None means any model in this process. ``count``
+means nothing to the sticky kinds (``device``, ``cuda``): they fire once, and that is final.
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ from typing import Any, Literal
 import numpy as np
 
 from .backend import Context, Engine
+from .cuda import no_device_reason, provoke_illegal_address
 from .errors import ContextFailure, DeviceFailure, InvalidInput
 from .spec import IOSpec
 
 log = logging.getLogger(__name__)
 
-FaultKind = Literal["context", "device", "hang", "crash"]
-KINDS: tuple[str, ...] = ("context", "device", "hang", "crash")
+FaultKind = Literal["context", "device", "cuda", "hang", "crash"]
+KINDS: tuple[str, ...] = ("context", "device", "cuda", "hang", "crash")
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,12 @@ class FaultInjector:
         self.fired: dict[str, int] = {k: 0 for k in KINDS}
 
     def inject(self, fault: Fault) -> None:
+        """Arm ``fault``. A ``cuda`` fault is refused (InvalidInput) where this process sees no
+        GPU: checked here, in the process it would break, not where the Fault is written."""
+        if fault.kind == "cuda":
+            reason = no_device_reason(0)
+            if reason is not None:
+                raise InvalidInput(f"a 'cuda' fault needs a CUDA GPU in this process: {reason}")
         with self._lock:
             self._armed.append([fault, fault.count])
         log.warning("fault armed: %s", fault)
@@ -105,7 +120,7 @@ class FaultInjector:
                 if fault.kind == "device":
                     self._armed.remove(entry)
                     self._device_failed = f"injected device fault (model {model})"
-                elif remaining <= 1:
+                elif fault.kind == "cuda" or remaining <= 1:
                     self._armed.remove(entry)
                 else:
                     entry[1] = remaining - 1
@@ -130,6 +145,11 @@ class FaultInjector:
             )
         if fault.kind == "device":
             raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
+        if fault.kind == "cuda":
+            code = provoke_illegal_address(0)
+            log.critical("injected cuda fault (model %s): the kernel's synchronization reported "
+                         "CUDA error %d; the real execution follows", model, code)
+            return
         if fault.kind == "hang":
             time.sleep(fault.seconds)
             return

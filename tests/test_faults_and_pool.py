@@ -14,7 +14,14 @@ import pytest
 
 from engines import models
 from engines.backend import load_engine
-from engines.errors import ContextFailure, DeviceFailure, InvalidInput, RetriesExhausted
+from engines.cuda import no_device_reason, provoke_illegal_address
+from engines.errors import (
+    ContextFailure,
+    DeviceFailure,
+    EngineLoadFailure,
+    InvalidInput,
+    RetriesExhausted,
+)
 from engines.faults import Fault, FaultInjector, FaultyEngine
 from engines.runner import ModelRunner
 
@@ -194,3 +201,14 @@ def test_errors_survive_pickling_with_their_trail() -> None:
     assert type(back) is RetriesExhausted
     assert (back.message, back.trail, back.replica_id) == ("gave up", err.trail, "r9")
     assert back.http_status == 503
+
+
+@pytest.mark.skipif(no_device_reason(0) is None, reason="a CUDA GPU is visible here")
+def test_a_cuda_fault_is_refused_without_a_gpu() -> None:
+    fault = Fault.from_dict({"kind": "cuda"})  # writing one down needs no GPU: app configs do
+    injector = FaultInjector()
+    with pytest.raises(InvalidInput, match="'cuda' fault needs a CUDA GPU in this process"):
+        injector.inject(fault)
+    assert injector.pending() == []
+    with pytest.raises(EngineLoadFailure, match="cannot provoke a CUDA fault on GPU 0"):
+        provoke_illegal_address(0)
