@@ -544,8 +544,12 @@ def test_nan_and_inf_are_data_and_are_computed_on(url: str, session: requests.Se
         got = _decode(reply)
         with np.errstate(invalid="ignore", over="ignore"):  # NaN in, NaN out: expected
             reference = models.tiny_reference(x)
+        # float32 sums of terms as large as the input carry an absolute error that scales
+        # with them: a logit near 0 computed from inputs near 1000 is off by ~1e-4.
+        finite = np.abs(x[np.isfinite(x)])
+        scale = 1.0 + (float(finite.max()) if finite.size else 0.0)
         for name in ("logits", "probs"):
-            np.testing.assert_allclose(got[name], reference[name], rtol=1e-4, atol=1e-5,
+            np.testing.assert_allclose(got[name], reference[name], rtol=1e-4, atol=1e-6 * scale,
                                        equal_nan=True)
 
     one()
