@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -23,6 +25,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_serve(num_gpus: int = 0) -> Iterator[int]:
+    """A Ray cluster of this process's own with Serve's HTTP proxy on a free port."""
+    # address="local": never attach to another cluster running on this machine.
+    ray.init(address="local", num_cpus=4, num_gpus=num_gpus, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
-from ray import serve
 
-from .serving import deploy, free_port, replica_ids
+from .serving import deploy, free_port, local_serve, replica_ids
 
 pytestmark = pytest.mark.integration
 
@@ -22,14 +20,9 @@ MAX_BATCH = 4
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    # "local": a cluster of our own, even when another one runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(cache_dir, max_batch=MAX_BATCH)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as port:
+        deploy(cache_dir, max_batch=MAX_BATCH)
+        yield f"http://127.0.0.1:{port}"
 
 
 def _infer(*args: str) -> subprocess.CompletedProcess[str]:

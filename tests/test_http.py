@@ -12,38 +12,31 @@ from typing import Any
 
 import numpy as np
 import pytest
-import ray
 import requests
 import tritonclient.http as triton
 from fastapi.exceptions import RequestValidationError
-from ray import serve
 from starlette.requests import Request
 from tritonclient.utils import InferenceServerException
 
+from deployments.protocol import HEADER_LENGTH
 from deployments.router import _validation_error
 from engines import models
 from engines.backend import load_engine
 from engines.runner import ModelRunner
 
-from .serving import deploy, describe_all, free_port
+from .serving import deploy, describe_all, local_serve
 
 pytestmark = pytest.mark.integration
 
 MAX_BATCH = 4
 MAX_BODY = 4096
-HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    # "local": a cluster of our own, even when another one runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as port:
+        deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

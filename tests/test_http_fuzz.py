@@ -25,11 +25,11 @@ import ray
 import requests
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from ray import serve
 
+from deployments.protocol import HEADER_LENGTH
 from engines import models
 
-from .serving import deploy, describe_all, engine, free_port, replica_ids
+from .serving import deploy, describe_all, engine, local_serve, replica_ids
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,6 @@ MAX_BATCH = 4
 # Small enough that "huge" bodies stay fast on 2 cores, large enough for every valid request.
 MAX_BODY = 64 * 1024
 INFER = "/v2/models/tiny/infer"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 HOSTILE_EXAMPLES = 1100
 NAN_EXAMPLES = 60
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -78,14 +77,9 @@ def _requests_seen() -> int:
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    # "local": a cluster of our own, even when another one runs on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve() as port:
+        deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

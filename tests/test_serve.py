@@ -10,14 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import requests
-from ray import serve
 
 from engines import models
 from engines.errors import InvalidInput
 
-from .serving import X, deploy, describe_all, free_port, inject, load, replica_ids, wait_until
+from .serving import X, deploy, describe_all, inject, load, local_serve, replica_ids, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,13 +23,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def http_port() -> Iterator[int]:
     # Logical GPUs: Ray schedules num_gpus on a CPU machine as it would on real ones.
-    # address="local": a cluster of its own, even where another one runs on this machine.
-    ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield port
-    serve.shutdown()
-    ray.shutdown()
+    with local_serve(num_gpus=2) as port:
+        yield port
 
 
 def _assert_all_answered(results: list) -> list[list[dict]]:
