@@ -4,6 +4,7 @@ boundary of real ONNX Runtime replicas."""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import yaml
+from ray import serve
+from ray.serve.context import _get_global_client
+from ray.serve.schema import ServeDeploySchema
 
 from engines import models
 from engines.errors import InvalidInput
@@ -137,3 +142,33 @@ def test_bad_input_is_refused_at_the_router(http_port: int, cache_dir: Path) -> 
     with pytest.raises(InvalidInput, match="unknown input tensor"):
         router.infer.remote("tiny", {"y": X["x"]}).result()
     assert sum(r["requests_seen"] for r in describe_all()) == seen
+
+
+def test_retry_and_faults_change_live_through_a_config_deploy(
+    http_port: int, cache_dir: Path
+) -> None:
+    config = yaml.safe_load((Path(__file__).parent.parent / "serve.yaml").read_text())
+    app = config["applications"][0]
+    app["args"].update(models=["tiny"], cpus_per_replica=0, router_cpus=0,
+                       cache_dir=str(cache_dir))
+    del config["http_options"]  # this module's Serve already listens on its own port
+    # deploy_apps is what `serve deploy` reaches through the dashboard.
+    client = _get_global_client()
+    if "trtserve" in serve.status().applications:
+        serve.delete("trtserve")
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    before = replica_ids()
+    live = copy.deepcopy(config)
+    live["applications"][0]["deployments"] = [
+        {"name": "EngineReplica",
+         "user_config": {"local_retries": 2, "faults": [{"kind": "context", "count": 1}]}},
+        {"name": "Router", "user_config": {"retry": {"max_attempts": 2}}},
+    ]
+    client.deploy_apps(ServeDeploySchema.model_validate(live), _blocking=True)
+    assert wait_until(
+        lambda: all(r["faults_pending"] for r in describe_all()), timeout_s=30
+    ), describe_all()
+    assert replica_ids() == before  # reconfigured in place, not replaced
+    router = serve.get_app_handle("trtserve")
+    _, trail = router.infer_with_trail.remote("tiny", X).result()
+    assert [a["outcome"] for a in trail] == ["ContextFailure", "ok"]
