@@ -338,6 +338,41 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    import ray
+
+    from .chaos import FAULTS, plot, run
+
+    unknown = sorted(set(args.faults) - set(FAULTS))
+    if unknown:
+        print(f"trtserve: unknown fault kind(s) {unknown}; choose from {sorted(FAULTS)}",
+              file=sys.stderr)
+        return 2
+    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    print(f"chaos: {args.seconds:g} s, {args.callers} callers per path, a fault every "
+          f"{args.every:g} s from {args.faults}")
+    result = run(str(args.cache_dir), args.replicas, args.seconds, args.callers, args.every,
+                 args.faults, args.seed)
+    print(result.table())
+    if args.plot is not None and plot(result, args.plot):
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _add_chaos(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chaos", help="random faults under load: trtserve's Router vs a router with no retries"
+    )
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--callers", type=int, default=4, help="concurrent callers per path")
+    p.add_argument("--every", type=float, default=6.0, help="seconds between faults")
+    p.add_argument("--faults", nargs="+", default=["context", "device", "crash", "hang"])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG timeline here")
+    p.set_defaults(func=cmd_chaos)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     kinds = bench.add_subparsers(dest="bench", required=True)
@@ -378,7 +413,7 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = top.add_subparsers(dest="command", required=True)
-    for add in (_add_models, _add_build, _add_serve, _add_infer, _add_bench):
+    for add in (_add_models, _add_build, _add_serve, _add_infer, _add_bench, _add_chaos):
         add(sub)
     return top
 
