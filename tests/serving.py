@@ -41,6 +41,19 @@ def local_serve(num_gpus: int = 0) -> Iterator[int]:
         ray.shutdown()
 
 
+@contextmanager
+def served(cache_dir: Path, **args: Any) -> Iterator[str]:
+    """The app deployed with ``args`` on a cluster of its own; yields its base URL."""
+    with local_serve() as port:
+        deploy(cache_dir, **args)
+        yield f"http://127.0.0.1:{port}"
+
+
+def requests_seen() -> int:
+    """Requests that reached any replica: a bad one refused at the router never counts."""
+    return sum(r["requests_seen"] for r in describe_all())
+
+
 def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:
     """Replace the trtserve app with a fresh one (new replicas) built from ``args``."""
     if APP_NAME in serve.status().applications:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .serving import deploy, free_port, local_serve, replica_ids
+from .serving import free_port, replica_ids, served
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,8 @@ MAX_BATCH = 4
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    with local_serve() as port:
-        deploy(cache_dir, max_batch=MAX_BATCH)
-        yield f"http://127.0.0.1:{port}"
+    with served(cache_dir, max_batch=MAX_BATCH) as base:
+        yield base
 
 
 def _infer(*args: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from engines import models
 from engines.backend import load_engine
 from engines.runner import ModelRunner
 
-from .serving import deploy, describe_all, local_serve
+from .serving import requests_seen, served
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,8 @@ MAX_BODY = 4096
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    with local_serve() as port:
-        deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
-        yield f"http://127.0.0.1:{port}"
+    with served(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +68,6 @@ def _binary_infer(shape: list[int], declared: int, payload: bytes) -> tuple[byte
                                      "parameters": {"binary_data_size": declared}}]}).encode()
     return header + payload, len(header)
 
-
-def _requests_seen() -> int:
-    return sum(r["requests_seen"] for r in describe_all())
 
 
 def test_tritonclient_reads_server_and_model_metadata(
@@ -266,7 +262,7 @@ ERRORS: dict[str, tuple[str, str, dict[str, str], Any, int, str]] = {
 @pytest.mark.parametrize("case", list(ERRORS), ids=list(ERRORS))
 def test_every_error_is_the_protocols_shape_and_reaches_no_replica(url: str, case: str) -> None:
     method, path, headers, body, status, message = ERRORS[case]
-    seen = _requests_seen()
+    seen = requests_seen()
     reply = requests.request(method, url + path, headers=headers, data=body, timeout=30)
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"] == "application/json"
@@ -274,7 +270,7 @@ def test_every_error_is_the_protocols_shape_and_reaches_no_replica(url: str, cas
     assert list(error) == ["error"] and message in error["error"], error
     if status == 405:
         assert reply.headers["allow"]
-    assert _requests_seen() == seen
+    assert requests_seen() == seen
 
 
 def test_a_validation_error_is_a_400_in_the_protocols_shape() -> None:

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from deployments.protocol import HEADER_LENGTH
 from engines import models
 
-from .serving import deploy, describe_all, engine, local_serve, replica_ids
+from .serving import engine, replica_ids, requests_seen, served
 
 pytestmark = pytest.mark.integration
 
@@ -71,15 +71,11 @@ def _serve_actors() -> frozenset[str]:
                      if a["name"].startswith("SERVE_"))
 
 
-def _requests_seen() -> int:
-    return sum(r["requests_seen"] for r in describe_all())
-
 
 @pytest.fixture(scope="module")
 def url(cache_dir: Path) -> Iterator[str]:
-    with local_serve() as port:
-        deploy(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY)
-        yield f"http://127.0.0.1:{port}"
+    with served(cache_dir, max_batch=MAX_BATCH, max_body_bytes=MAX_BODY) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -455,7 +451,7 @@ OVER_LIMIT = Hostile("over the limit", "POST", INFER, b"{" + b" " * MAX_BODY + b
 def test_a_barrage_of_hostile_requests_leaves_the_app_unharmed(
     url: str, session: requests.Session
 ) -> None:
-    replicas, actors, seen = replica_ids(), _serve_actors(), _requests_seen()
+    replicas, actors, seen = replica_ids(), _serve_actors(), requests_seen()
     statuses: Counter[str] = Counter()
 
     @settings(max_examples=HOSTILE_EXAMPLES, deadline=None, database=None,
@@ -468,7 +464,7 @@ def test_a_barrage_of_hostile_requests_leaves_the_app_unharmed(
     one()
     print(f"\nhostile requests: {sum(statuses.values())}; answers: {dict(statuses)}")
     assert sum(statuses.values()) >= 1000
-    assert _requests_seen() == seen, "a hostile request reached a replica"
+    assert requests_seen() == seen, "a hostile request reached a replica"
     assert replica_ids() == replicas
     assert _serve_actors() == actors
     # The same replicas still answer correctly, each of them and through HTTP.

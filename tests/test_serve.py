@@ -20,7 +20,17 @@ from ray.serve.schema import ServeDeploySchema
 from engines import models
 from engines.errors import InvalidInput
 
-from .serving import X, deploy, describe_all, inject, load, local_serve, replica_ids, wait_until
+from .serving import (
+    X,
+    deploy,
+    describe_all,
+    inject,
+    load,
+    local_serve,
+    replica_ids,
+    requests_seen,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -136,12 +146,12 @@ def test_a_tiny_deadline_is_a_504(http_port: int, cache_dir: Path) -> None:
 def test_bad_input_is_refused_at_the_router(http_port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir)
     router.infer.remote("tiny", X).result()
-    seen = sum(r["requests_seen"] for r in describe_all())
+    seen = requests_seen()
     with pytest.raises(InvalidInput, match="'x': expected dtype float32, got float64"):
         router.infer.remote("tiny", {"x": X["x"].astype(np.float64)}).result()
     with pytest.raises(InvalidInput, match="unknown input tensor"):
         router.infer.remote("tiny", {"y": X["x"]}).result()
-    assert sum(r["requests_seen"] for r in describe_all()) == seen
+    assert requests_seen() == seen
 
 
 def test_retry_and_faults_change_live_through_a_config_deploy(
