@@ -19,6 +19,7 @@ hits them alike:
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from engines.runner import ModelRunner
 from engines.spec import example_inputs
 
 from .app import bind_engine, bind_router, parse_args
+from .policy import RetryPolicy
 
 MODES = (
     "raw engine",
@@ -162,7 +164,8 @@ def _calls(setup: BenchSetup, handles: dict[str, Any], raw: ModelRunner,
     calls: dict[str, Call] = {mode: via_handle(h) for mode, h in handles.items()}
 
     async def in_process(inputs: dict[str, np.ndarray]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, raw.infer, inputs)
+        run = functools.partial(raw.infer, inputs, local_retries=RetryPolicy.local_retries)
+        return await asyncio.get_running_loop().run_in_executor(pool, run)
 
     calls["raw engine"] = in_process
     return calls

@@ -17,19 +17,16 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .errors import EngineLoadFailure
+from .models import DEFAULT_CACHE_DIR, ModelSource
 from .spec import IOSpec
-
-if TYPE_CHECKING:
-    from .models import ModelSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("~/.cache/trtserve").expanduser()
 DEFAULT_TRT_MAX_BATCH = 64
 
 
@@ -41,6 +38,11 @@ class Context(Protocol):
 
     def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on validated inputs. Raises only taxonomy errors."""
+        ...
+
+    def cancel(self) -> None:
+        """Ask an execution in progress on another thread to stop soon (best effort; an
+        abandoned request calls it). The pool never lends a cancelled context again."""
         ...
 
     def close(self) -> None: ...
@@ -74,7 +76,7 @@ class LoadOptions:
     cache_dir: Path = DEFAULT_CACHE_DIR
 
 
-Loader = Callable[["ModelSource", LoadOptions], Engine]
+Loader = Callable[[ModelSource, LoadOptions], Engine]
 
 # Module paths, not imports: a backend's libraries load only when it is asked for.
 _BACKENDS: dict[str, str] = {
@@ -86,11 +88,6 @@ _BACKENDS: dict[str, str] = {
 _AUTO_ORDER: tuple[str, ...] = ("tensorrt", "tensorrt-rtx")
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKENDS)
-
-
-def register_backend(name: str, target: str) -> None:
-    """Add a backend as ``"package.module:function"``; the function is a Loader."""
-    _BACKENDS[name] = target
 
 
 def loader(name: str) -> Loader:

@@ -97,6 +97,14 @@ class EngineLoadFailure(TrtServeError):
     http_status = 503
 
 
+class PoisonInput(TrtServeError):
+    """A query of death: the request was in flight on two replicas that each broke on it
+    (DeviceFailure or death). Identical requests are refused for ``poison_window_s``."""
+
+    retry = "final"
+    http_status = 422
+
+
 class RetriesExhausted(TrtServeError):
     """Attempts or retry budget spent, or no healthy replica left."""
 
@@ -104,23 +112,13 @@ class RetriesExhausted(TrtServeError):
     http_status = 503
 
 
+class Overloaded(RetriesExhausted):
+    """Every replica's queue stayed full for ``backpressure_wait_s``: load was shed before
+    any replica saw the request. HTTP adds Retry-After."""
+
+
 class DeadlineExceeded(TrtServeError):
     """The request's deadline passed."""
 
     retry = "final"
     http_status = 504
-
-
-TAXONOMY: tuple[type[TrtServeError], ...] = (
-    InvalidInput,
-    UnknownModel,
-    PayloadTooLarge,
-    ContextFailure,
-    DeviceFailure,
-    ReplicaFailure,
-    EngineLoadFailure,
-    RetriesExhausted,
-    DeadlineExceeded,
-)
-
-BY_NAME: dict[str, type[TrtServeError]] = {cls.__name__: cls for cls in TAXONOMY}

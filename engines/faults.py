@@ -14,10 +14,14 @@ each execution. Faults behave as the real failures do, as seen from above the ba
   GPU state really is lost. It strikes GPU 0 of this process (a Serve replica's own GPU, as
   Ray sets CUDA_VISIBLE_DEVICES), is refused at injection where there is none, and breaks only
   what runs on it: an engine on the CPU goes on answering, as it would after a real fault.
-- ``hang``: the next ``count`` executions block for ``seconds`` and then complete.
+- ``hang``: the next ``count`` executions block for ``seconds`` and then complete, unless the
+  context is cancelled meanwhile (as ONNX Runtime's ``RunOptions.terminate`` stops a run):
+  then they fail with ContextFailure at once.
 - ``crash``: the next execution ends the process at once (``os._exit``), as a segfault would.
 
-``model`` restricts a fault to one model; None means any model in this process. ``count``
+``model`` restricts a fault to one model; None means any model in this process. ``marker``
+restricts it to executions whose input carries it: some row of the first input tensor starts
+with that value (a query of death, in tests: one bad request among good ones). ``count``
 means nothing to the sticky kinds (``device``, ``cuda``): they fire once, and that is final.
 """
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -50,6 +53,7 @@ class Fault:
     count: int = 1
     seconds: float = 0.0
     model: str | None = None
+    marker: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -61,7 +65,7 @@ class Fault:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Fault:
-        unknown = set(raw) - {"kind", "count", "seconds", "model"}
+        unknown = set(raw) - {"kind", "count", "seconds", "model", "marker"}
         if unknown:
             raise InvalidInput(f"unknown fault field(s) {sorted(unknown)}")
         try:
@@ -70,6 +74,7 @@ class Fault:
                 count=int(raw.get("count", 1)),
                 seconds=float(raw.get("seconds", 0.0)),
                 model=raw.get("model"),
+                marker=None if raw.get("marker") is None else float(raw["marker"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput(f"malformed fault {dict(raw)}: {exc}") from None
@@ -103,19 +108,17 @@ class FaultInjector:
         with self._lock:
             self._armed.clear()
 
-    @property
-    def device_failed(self) -> bool:
-        return self._device_failed is not None
-
     def pending(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{**f.to_dict(), "remaining": n} for f, n in self._armed]
 
-    def _take(self, model: str) -> Fault | None:
+    def _take(self, model: str, inputs: Mapping[str, np.ndarray]) -> Fault | None:
         with self._lock:
             for entry in self._armed:
                 fault, remaining = entry
                 if fault.model not in (None, model):
+                    continue
+                if fault.marker is not None and not _marked(inputs, fault.marker):
                     continue
                 if fault.kind == "device":
                     self._armed.remove(entry)
@@ -133,10 +136,16 @@ class FaultInjector:
         if self._device_failed is not None:
             raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
 
-    def before_execute(self, model: str, generation: int) -> None:
+    def before_execute(
+        self,
+        model: str,
+        generation: int,
+        inputs: Mapping[str, np.ndarray],
+        cancelled: threading.Event,
+    ) -> None:
         """Called at the backend boundary, before the real execution."""
         self.check_device(model)
-        fault = self._take(model)
+        fault = self._take(model, inputs)
         if fault is None:
             return
         if fault.kind == "context":
@@ -151,10 +160,19 @@ class FaultInjector:
                          "CUDA error %d; the real execution follows", model, code)
             return
         if fault.kind == "hang":
-            time.sleep(fault.seconds)
+            if cancelled.wait(fault.seconds):
+                raise ContextFailure(f"{model} (context {generation}): hang cancelled")
             return
         log.critical("injected crash: ending process %d", os.getpid())
         os._exit(17)
+
+
+def _marked(inputs: Mapping[str, np.ndarray], marker: float) -> bool:
+    first = next(iter(inputs.values()), None)
+    if first is None or first.size == 0:
+        return False
+    rows = first.reshape(first.shape[0], -1) if first.ndim > 1 else first.reshape(-1, 1)
+    return bool(np.any(rows[:, 0] == marker))
 
 
 class FaultyContext:
@@ -163,10 +181,15 @@ class FaultyContext:
         self.generation = inner.generation
         self._model = model
         self._injector = injector
+        self._cancelled = threading.Event()
 
     def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._injector.before_execute(self._model, self.generation)
+        self._injector.before_execute(self._model, self.generation, inputs, self._cancelled)
         return self.inner.execute(inputs)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self.inner.cancel()
 
     def close(self) -> None:
         self.inner.close()

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import DEFAULT_CACHE_DIR
 from .files import write_atomic
+
+DEFAULT_CACHE_DIR = Path("~/.cache/trtserve").expanduser()
 
 # Bump a recipe's version when its output changes, so cached files are regenerated.
 _RECIPES: dict[str, str] = {"tiny": "v1", "resnet50": "v1"}

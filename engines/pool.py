@@ -5,6 +5,13 @@ waits for an allocation: when one fails, it is closed and a spare is promoted in
 and a background thread builds the next spare. Only when the spares run out (faster failures
 than refills) is a context created on the request's path, and that is counted.
 
+The pool keeps its capacity: a slot whose replacement could not be created is remembered as
+missing and refilled in the background before any spare, and a context abandoned while it
+runs (``abandon``, for a request that was cancelled or ran past its deadline) gets a
+replacement at once; it is closed, never lent again, when its execution finally returns.
+``usable`` says how many of the ``size`` slots can run a request now, which the replica's
+health check watches.
+
 Every context gets a generation number, increasing over the pool's life, so an attempt
 trail shows when a request moved to a fresh context.
 """
@@ -31,6 +38,7 @@ class PoolStats:
     promoted: int = 0
     cold_creates: int = 0
     refill_failures: int = 0
+    abandoned: int = 0
 
 
 class ContextPool:
@@ -46,6 +54,8 @@ class ContextPool:
         self._idle: deque[Context] = deque()
         self._spares: deque[Context] = deque()
         self._busy: set[int] = set()
+        self._abandoned: set[int] = set()
+        self._missing = 0
         self._generation = 0
         self._poison: DeviceFailure | None = None
         self._closed = False
@@ -78,7 +88,7 @@ class ContextPool:
 
     @property
     def live(self) -> int:
-        """Contexts created and not yet closed: idle, lent out and spare."""
+        """Contexts created and not yet closed: idle, lent out, abandoned and spare."""
         with self._lock:
             return self.stats.created - self.stats.closed
 
@@ -88,17 +98,27 @@ class ContextPool:
             return len(self._spares)
 
     @property
+    def usable(self) -> int:
+        """Slots that can run a request now: not missing, not held by an abandoned run."""
+        with self._lock:
+            if self._poison is not None or self._closed:
+                return 0
+            return max(0, self.size - self._missing - len(self._abandoned))
+
+    @property
     def poisoned(self) -> DeviceFailure | None:
         return self._poison
 
     def poison(self, failure: DeviceFailure) -> None:
-        """The device is broken: every later acquire fails fast with this failure."""
+        """The device is broken: every later acquire fails fast with this failure, and no
+        context is created on it any more."""
         with self._lock:
             if self._poison is None:
                 self._poison = failure
             self._available.notify_all()
 
-    def acquire(self, timeout: float | None = None) -> Context:
+    def acquire(self, timeout: float | None = None) -> Context | None:
+        """An idle context, or None when none came free within ``timeout`` seconds."""
         with self._lock:
             while True:
                 if self._poison is not None:
@@ -110,9 +130,7 @@ class ContextPool:
                     self._busy.add(id(context))
                     return context
                 if not self._available.wait(timeout):
-                    raise ContextFailure(
-                        f"{self.engine.name}: all {self.size} contexts busy for {timeout} s"
-                    )
+                    return None
 
     def release(self, context: Context) -> None:
         """Give back a context that is still good."""
@@ -124,53 +142,94 @@ class ContextPool:
                 return
         self._close_one(context)
 
-    def replace(self, context: Context) -> int:
-        """Close a failed context and put a fresh one in its place; return the new one's
-        generation. A warm spare is promoted when there is one (no allocation here)."""
+    def replace(self, context: Context) -> None:
+        """Close a failed context and put a fresh one in its place. A warm spare is promoted
+        when there is one (no allocation here); else one is created now, and if that fails
+        too, the slot is left to the background refill rather than lost."""
         with self._lock:
             self._busy.discard(id(context))
-            spare = self._spares.popleft() if self._spares else None
+            spare = self._spares.popleft() if self._spares and self._poison is None else None
         self._close_one(context)
-        if spare is None:
-            spare = self._create()
-            with self._lock:
-                self.stats.cold_creates += 1
-        else:
+        if spare is not None:
             with self._lock:
                 self.stats.promoted += 1
+            self._put_idle(spare)
+        elif self._poison is None:
+            try:
+                fresh = self._create()
+            except TrtServeError:
+                with self._lock:
+                    self._missing += 1
+                log.exception("a cold create for %s failed; refilling later", self.engine.name)
+            else:
+                with self._lock:
+                    self.stats.cold_creates += 1
+                self._put_idle(fresh)
+        self.refill_soon()
+
+    def abandon(self, context: Context) -> None:
+        """A lent context's run was given up on (its request cancelled or out of time): its
+        slot gets a replacement now, and the context waits for ``discard``."""
         with self._lock:
-            closed = self._closed
-            if not closed:
-                self._idle.append(spare)
+            if id(context) not in self._busy:
+                return
+            self._busy.discard(id(context))
+            self._abandoned.add(id(context))
+            self._missing += 1
+            self.stats.abandoned += 1
+        self.refill_soon()
+
+    def discard(self, context: Context) -> None:
+        """An abandoned context's run returned: close it; its slot was refilled already."""
+        with self._lock:
+            self._abandoned.discard(id(context))
+        self._close_one(context)
+
+    def _put_idle(self, context: Context) -> None:
+        with self._lock:
+            if not self._closed and self._poison is None:
+                self._idle.append(context)
                 self._available.notify()
-        if closed:
-            self._close_one(spare)
-            return spare.generation
-        # RuntimeError: the pool closed meanwhile, and no spare is wanted any more.
+                return
+        self._close_one(context)
+
+    def refill_soon(self) -> None:
+        """Restore missing slots, then spares, on the background thread."""
+        # RuntimeError: the pool closed meanwhile, and nothing is wanted any more.
         with contextlib.suppress(RuntimeError):
             self._refiller.submit(self._refill)
-        return spare.generation
 
     def _refill(self) -> None:
-        with self._lock:
-            short = self.spares_wanted - len(self._spares)
-            if self._closed or self._poison is not None or short <= 0:
-                return
-        try:
-            spare = self._create()
-        except TrtServeError:
+        while True:
             with self._lock:
-                self.stats.refill_failures += 1
-            log.exception("refilling a spare context of %s failed", self.engine.name)
-            return
-        with self._lock:
-            if not self._closed:
-                self._spares.append(spare)
+                if self._closed or self._poison is not None:
+                    return
+                slot = self._missing > 0
+                if not slot and len(self._spares) >= self.spares_wanted:
+                    return
+            try:
+                context = self._create()
+            except TrtServeError:
+                with self._lock:
+                    self.stats.refill_failures += 1
+                log.exception("refilling a context of %s failed", self.engine.name)
                 return
-        self._close_one(spare)
+            with self._lock:
+                if self._closed or self._poison is not None:
+                    pass
+                elif slot:
+                    self._missing -= 1
+                    self._idle.append(context)
+                    self._available.notify()
+                    continue
+                else:
+                    self._spares.append(context)
+                    continue
+            self._close_one(context)
+            return
 
     def close(self) -> None:
-        """Close every context not lent out; lent ones are closed when released."""
+        """Close every context not lent out; lent ones are closed when they come back."""
         with self._lock:
             self._closed = True
             idle = list(self._idle) + list(self._spares)

@@ -6,12 +6,20 @@ context with a warm spare and tries again, at most ``local_retries`` times. A De
 poisons the runner: the process's GPU state is gone, so every later request fails fast
 instead of being tried on a device that cannot answer.
 
+Inputs arrive validated (the Router validates each request once, against the same IOSpec);
+the backend's own checks still turn anything it rejects into InvalidInput.
+
+Every context lent out goes back in a ``finally``: released when it is good, replaced when it
+failed in any way (a foreign exception included), and replaced, never released, when the
+request was abandoned meanwhile (``Call.cancel``: cancelled by its caller or out of time).
+
 Every attempt is recorded as an Attempt; the router appends its own, and the whole trail
 goes back to the caller.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -19,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Engine
-from .errors import ContextFailure, DeviceFailure, InvalidInput, TrtServeError
+from .backend import Context, Engine
+from .errors import ContextFailure, DeadlineExceeded, DeviceFailure, InvalidInput, TrtServeError
 from .pool import ContextPool
 from .spec import IOSpec
 
@@ -40,6 +48,42 @@ class Attempt:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
 
+class Call:
+    """One request's run, as seen from another thread: ``cancel()`` stops it where it is
+    (waiting for a context, or executing: the context's own ``cancel``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._context: Context | None = None
+        self._pool: ContextPool | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            context = self._context
+            if context is not None and self._pool is not None:
+                # Under this lock: the run cannot hand the context back meanwhile, so it is
+                # never abandoned after another request got it.
+                self._pool.abandon(context)
+        if context is not None:
+            context.cancel()
+
+    def _lend(self, context: Context, pool: ContextPool) -> bool:
+        with self._lock:
+            if self.cancelled:
+                return False
+            self._context, self._pool = context, pool
+            return True
+
+    def _return(self) -> bool:
+        """Unregister the lent context; True when it was abandoned while lent."""
+        with self._lock:
+            abandoned = self.cancelled and self._context is not None
+            self._context = self._pool = None
+            return abandoned
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -47,17 +91,11 @@ class ModelRunner:
         *,
         pool_size: int = 4,
         spares: int = 1,
-        local_retries: int = 2,
         replica: str | None = None,
-        acquire_timeout_s: float = 30.0,
     ) -> None:
-        if local_retries < 0:
-            raise ValueError(f"local_retries must be >= 0, got {local_retries}")
         self.engine = engine
         self.pool = ContextPool(engine, size=pool_size, spares=spares)
-        self.local_retries = local_retries
         self.replica = replica
-        self.acquire_timeout_s = acquire_timeout_s
 
     @property
     def name(self) -> str:
@@ -72,54 +110,92 @@ class ModelRunner:
         return self.pool.poisoned
 
     def infer(
-        self, inputs: Mapping[str, Any], local_retries: int | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        local_retries: int,
+        deadline: float | None = None,
+        call: Call | None = None,
     ) -> tuple[dict[str, np.ndarray], list[Attempt]]:
-        """Outputs and the attempt trail. Raises a taxonomy error carrying the trail."""
-        retries = self.local_retries if local_retries is None else local_retries
+        """Outputs and the attempt trail. Raises a taxonomy error carrying the trail.
+
+        ``deadline`` is a time.monotonic() value bounding the wait for a context; ``call``
+        lets another thread abandon the request."""
+        if local_retries < 0:
+            raise ValueError(f"local_retries must be >= 0, got {local_retries}")
+        call = call or Call()
         trail: list[Attempt] = []
-        try:
-            checked = self.spec.validate(inputs)
-        except InvalidInput as exc:
-            exc.replica_id = self.replica
-            raise
-        for _ in range(retries + 1):
+        for _ in range(local_retries + 1):
             started = time.perf_counter()
             try:
-                context = self.pool.acquire(self.acquire_timeout_s)
+                context = self._acquire(deadline, call)
             except TrtServeError as exc:
                 trail.append(self._attempt(exc, started, None))
                 raise self._with_trail(exc, trail) from None
             try:
-                outputs = context.execute(checked)
+                outputs = self._execute(context, inputs, call)
             except ContextFailure as exc:
                 trail.append(self._attempt(exc, started, context.generation))
-                self.pool.replace(context)
+                if call.cancelled:
+                    raise self._with_trail(_abandoned(self.name), trail) from None
                 continue
-            except DeviceFailure as exc:
-                trail.append(self._attempt(exc, started, context.generation))
-                failure = self._with_trail(exc, trail)
-                self.pool.poison(failure)
-                self.pool.replace(context)
-                raise failure from None
-            except InvalidInput as exc:
-                # The input passed validation but the model rejected it: the context is fine.
-                self.pool.release(context)
-                trail.append(self._attempt(exc, started, context.generation))
-                raise self._with_trail(exc, trail) from None
             except TrtServeError as exc:
-                self.pool.replace(context)
                 trail.append(self._attempt(exc, started, context.generation))
                 raise self._with_trail(exc, trail) from None
-            self.pool.release(context)
             trail.append(
                 Attempt(self.name, "ok", _ms(started), self.replica, context.generation)
             )
             return outputs, trail
         raise ContextFailure(
-            f"{self.name}: {retries + 1} contexts failed in a row on this replica",
+            f"{self.name}: {local_retries + 1} contexts failed in a row on this replica",
             trail=[a.to_dict() for a in trail],
             replica_id=self.replica,
         )
+
+    def _acquire(self, deadline: float | None, call: Call) -> Context:
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if call.cancelled or (timeout is not None and timeout <= 0):
+            raise _abandoned(self.name)
+        context = self.pool.acquire(timeout)
+        if context is None:
+            raise DeadlineExceeded(
+                f"{self.name}: the deadline passed while every context was busy"
+            )
+        if not call._lend(context, self.pool):
+            self.pool.release(context)
+            raise _abandoned(self.name)
+        return context
+
+    def _execute(
+        self, context: Context, inputs: Mapping[str, np.ndarray], call: Call
+    ) -> dict[str, np.ndarray]:
+        """One execution; the context goes back (or is replaced) whatever happens."""
+        keep = False
+        try:
+            outputs = context.execute(inputs)
+            keep = True
+            return outputs
+        except InvalidInput:
+            keep = True  # the model rejected the input; the context is fine
+            raise
+        except DeviceFailure as exc:
+            # Poisoned before the context goes back: nothing is created on a broken device.
+            exc.replica_id = exc.replica_id or self.replica
+            self.pool.poison(exc)
+            raise
+        except TrtServeError:
+            raise
+        except Exception as exc:  # a backend bug must not leak the context or the slot
+            raise ContextFailure(
+                f"{self.name} (context {context.generation}): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            if call._return():
+                self.pool.discard(context)
+            elif keep:
+                self.pool.release(context)
+            else:
+                self.pool.replace(context)
 
     def _attempt(self, exc: TrtServeError, started: float, generation: int | None) -> Attempt:
         return Attempt(
@@ -134,6 +210,10 @@ class ModelRunner:
     def close(self) -> None:
         self.pool.close()
         self.engine.close()
+
+
+def _abandoned(model: str) -> DeadlineExceeded:
+    return DeadlineExceeded(f"{model}: the request was abandoned (cancelled or out of time)")
 
 
 def _ms(started: float) -> float:

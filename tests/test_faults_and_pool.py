@@ -46,7 +46,7 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
 def test_a_context_fault_is_retried_on_a_fresh_context(tiny: models.ModelSource) -> None:
     runner, injector = _runner(tiny, pool_size=1, spares=1)
     injector.inject(Fault("context"))
-    outputs, trail = runner.infer(X)
+    outputs, trail = runner.infer(X, local_retries=2)
     np.testing.assert_allclose(outputs["probs"], models.tiny_reference(X["x"])["probs"], atol=1e-6)
     assert [a.outcome for a in trail] == ["ContextFailure", "ok"]
     assert trail[0].generation != trail[1].generation
@@ -59,10 +59,10 @@ def test_a_context_fault_is_retried_on_a_fresh_context(tiny: models.ModelSource)
 
 
 def test_local_retries_are_bounded(tiny: models.ModelSource) -> None:
-    runner, injector = _runner(tiny, local_retries=2)
+    runner, injector = _runner(tiny)
     injector.inject(Fault("context", count=5))
     with pytest.raises(ContextFailure, match="3 contexts failed in a row") as caught:
-        runner.infer(X)
+        runner.infer(X, local_retries=2)
     assert [a["outcome"] for a in caught.value.trail] == ["ContextFailure"] * 3
     assert len({a["generation"] for a in caught.value.trail}) == 3
     _, trail = runner.infer(X, local_retries=2)  # 2 faults left, then success
@@ -75,14 +75,14 @@ def test_a_device_fault_poisons_the_engine(tiny: models.ModelSource) -> None:
     runner, injector = _runner(tiny)
     injector.inject(Fault("device"))
     with pytest.raises(DeviceFailure) as caught:
-        runner.infer(X)
+        runner.infer(X, local_retries=2)
     assert caught.value.replica_id == "r1"
     assert [a["outcome"] for a in caught.value.trail] == ["DeviceFailure"]
     assert runner.poisoned is not None
     injector.clear()  # sticky: disarming pending faults does not heal the device
     for _ in range(3):
         with pytest.raises(DeviceFailure):
-            runner.infer(X)
+            runner.infer(X, local_retries=2)
     runner.close()
     assert runner.pool.live == 0
 
@@ -93,9 +93,9 @@ def test_a_device_fault_fails_every_engine_in_the_process(tiny: models.ModelSour
     b = ModelRunner(FaultyEngine(load_engine(tiny, "onnxruntime"), injector))
     injector.inject(Fault("device"))
     with pytest.raises(DeviceFailure):
-        a.infer(X)
+        a.infer(X, local_retries=2)
     with pytest.raises(DeviceFailure):
-        b.infer(X)
+        b.infer(X, local_retries=2)
     a.close()
     b.close()
 
@@ -103,7 +103,7 @@ def test_a_device_fault_fails_every_engine_in_the_process(tiny: models.ModelSour
 def test_faults_can_target_one_model(tiny: models.ModelSource) -> None:
     runner, injector = _runner(tiny)
     injector.inject(Fault("context", model="resnet50"))
-    _, trail = runner.infer(X)
+    _, trail = runner.infer(X, local_retries=2)
     assert [a.outcome for a in trail] == ["ok"]
     assert injector.pending()[0]["remaining"] == 1
     runner.close()
@@ -112,7 +112,7 @@ def test_faults_can_target_one_model(tiny: models.ModelSource) -> None:
 def test_a_hang_delays_but_answers(tiny: models.ModelSource) -> None:
     runner, injector = _runner(tiny)
     injector.inject(Fault("hang", seconds=0.2))
-    outputs, trail = runner.infer(X)
+    outputs, trail = runner.infer(X, local_retries=2)
     assert [a.outcome for a in trail] == ["ok"]
     assert injector.fired["hang"] == 1 and injector.pending() == []
     assert outputs["probs"].shape == (2, 8)
@@ -131,7 +131,7 @@ def test_a_crash_ends_the_process(tiny: models.ModelSource) -> None:
         f"src = models.resolve('tiny', Path({str(tiny.path.parent.parent)!r}))\n"
         "r = ModelRunner(FaultyEngine(load_engine(src, 'onnxruntime'), inj))\n"
         "inj.inject(Fault('crash'))\n"
-        "r.infer({'x': np.ones((1, 16), np.float32)})\n"
+        "r.infer({'x': np.ones((1, 16), np.float32)}, local_retries=0)\n"
         "print('survived')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -150,7 +150,7 @@ def test_invalid_faults_are_refused() -> None:
 
 def test_concurrent_requests_each_get_their_own_context(tiny: models.ModelSource) -> None:
     # Enough local retries that even all 6 faults landing on one request cannot fail it.
-    runner, injector = _runner(tiny, pool_size=4, spares=2, local_retries=6)
+    runner, injector = _runner(tiny, pool_size=4, spares=2)
     injector.inject(Fault("context", count=6))
     rng = np.random.default_rng(11)
     batches = [rng.standard_normal((3, 16)).astype(np.float32) for _ in range(40)]
@@ -159,7 +159,7 @@ def test_concurrent_requests_each_get_their_own_context(tiny: models.ModelSource
 
     def call(i: int) -> None:
         try:
-            out, _ = runner.infer({"x": batches[i]})
+            out, _ = runner.infer({"x": batches[i]}, local_retries=6)
             with lock:
                 results.append((i, out))
         except BaseException as exc:  # recorded, then asserted below
