@@ -36,6 +36,9 @@ def bind_engine(args: AppArgs) -> Application:
             "num_gpus": gpus_per_replica(args.gpus_per_replica),
         },
         max_ongoing_requests=args.engine_max_ongoing_requests,
+        # Serve sheds what is over this queue (BackPressureError in the Router, which then
+        # waits up to backpressure_wait_s before answering 503).
+        max_queued_requests=args.engine_max_queued_requests,
         health_check_period_s=args.health_check_period_s,
         user_config=args.engine_user_config(),
     ).bind(args.engine_config())
@@ -48,6 +51,8 @@ def bind_router(args: AppArgs, engine: Application) -> Application:
         # Serve's default of 5 collapses throughput under concurrent callers; the router
         # only awaits replicas, so it can hold many requests at once.
         max_ongoing_requests=args.router_max_ongoing_requests,
+        # Over this, Serve's proxy answers 503 itself (a plain-text body; docs/protocol.md).
+        max_queued_requests=args.router_max_queued_requests,
         user_config=args.router_user_config(),
     ).bind(engine)
 

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from engines.spec import example_inputs
+from engines.spec import IOSpec, example_inputs
 
 from .app import bind_engine, bind_router, parse_args
 from .bench_serve import PassThrough
+from .ray_errors import outcome as ray_outcome
 
 CHAOS_APP = "trtserve-chaos"
 PATHS = ("trtserve", "pass-through, no retries")
@@ -86,15 +87,12 @@ class ChaosResult:
         return "\n".join(lines)
 
 
-def _outcome(exc: BaseException) -> str:
-    """The failure's own class: Ray wraps an error raised in a replica in a RayTaskError."""
-    cause = getattr(exc, "cause", None)
-    return type(cause if isinstance(cause, BaseException) else exc).__name__
-
-
-async def _caller(call: Any, model: str, inputs: dict[str, np.ndarray], sink: Outcomes,
-                  start: float, until: float, timeout_s: float) -> None:
+async def _caller(call: Any, model: str, spec: IOSpec, rng: np.random.Generator,
+                  sink: Outcomes, start: float, until: float, timeout_s: float) -> None:
     while time.monotonic() < until:
+        # Every request its own input: a request that meets two faults by coincidence is then
+        # a query of death alone, never every request of the run.
+        inputs = example_inputs(spec, seed=int(rng.integers(2**32)))
         began = time.monotonic()
         try:
             await asyncio.wait_for(call.remote(model, inputs), timeout_s)
@@ -102,7 +100,7 @@ async def _caller(call: Any, model: str, inputs: dict[str, np.ndarray], sink: Ou
         except TimeoutError:
             outcome = "no answer in time"
         except Exception as exc:  # every failure is counted by kind, none is fatal here
-            outcome = _outcome(exc)
+            outcome = ray_outcome(exc)
         sink.add(int(began - start), outcome, (time.monotonic() - began) * 1000)
 
 
@@ -136,8 +134,8 @@ def run(cache_dir: str, replicas: int, seconds: float, callers: int, every_s: fl
         "pass-through, no retries": serve.get_deployment_handle("PassThrough", CHAOS_APP).infer,
     }
     engine_handle = serve.get_deployment_handle("EngineReplica", CHAOS_APP)
-    spec = engine_handle.describe.remote().result()
-    inputs = example_inputs(spec["models"]["tiny"]["spec"], seed=0)
+    spec = engine_handle.describe.remote().result()["models"]["tiny"]["spec"]
+    rng = np.random.default_rng(seed)
     outcomes = {path: Outcomes() for path in PATHS}
     faults: list[tuple[float, str, str]] = []
 
@@ -145,7 +143,7 @@ def run(cache_dir: str, replicas: int, seconds: float, callers: int, every_s: fl
         start = time.monotonic()
         until = start + seconds
         tasks = [
-            _caller(calls[path], "tiny", inputs, outcomes[path], start, until, 30.0)
+            _caller(calls[path], "tiny", spec, rng, outcomes[path], start, until, 30.0)
             for path in PATHS
             for _ in range(callers)
         ]

@@ -12,7 +12,7 @@ import logging
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from email.message import Message
 from pathlib import Path
 from urllib.parse import quote
@@ -20,7 +20,8 @@ from urllib.parse import quote
 import numpy as np
 
 from engines import models
-from engines.backend import BACKENDS, DEFAULT_CACHE_DIR
+from engines.backend import BACKENDS
+from engines.models import DEFAULT_CACHE_DIR
 
 from .protocol import (
     HEADER_LENGTH,
@@ -31,7 +32,6 @@ from .protocol import (
     to_numpy_dtype,
 )
 
-Command = Callable[[argparse.Namespace], int]
 # router.py's header names, repeated here: importing router.py would import Ray into `infer`.
 
 

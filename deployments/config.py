@@ -1,8 +1,9 @@
 """Typed configuration of the app, shared by app.py, the deployments and the CLI.
 
 ``AppArgs`` is what serve.yaml's ``args`` and ``trtserve serve``'s flags fill in. Knobs that
-may change live (retry policy, local retries, faults) travel as Serve ``user_config``, so
-``serve deploy`` with new values reconfigures running replicas instead of replacing them.
+may change live (the retry policy and body limits for the Router, faults for the replicas)
+travel as Serve ``user_config``, so ``serve deploy`` with new values reconfigures running
+replicas instead of replacing them.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engines.backend import BACKENDS, DEFAULT_CACHE_DIR
+from engines.backend import BACKENDS
 from engines.faults import Fault
-from engines.models import BUILTIN
+from engines.models import BUILTIN, DEFAULT_CACHE_DIR
 
+from .http import DEFAULT_MAX_JSON_BYTES
 from .policy import RetryPolicy
 
 
@@ -45,10 +47,13 @@ class AppArgs(BaseModel):
     pool_size: int = Field(default=4, ge=1)
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)
+    engine_max_queued_requests: int = Field(default=64, ge=1)
     router_max_ongoing_requests: int = Field(default=256, ge=1)
+    router_max_queued_requests: int = Field(default=1024, ge=1)
     health_check_period_s: float = Field(default=2.0, gt=0)
     exit_after_device_failure_s: float = Field(default=0.5, ge=0)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_json_body_bytes: int = Field(default=DEFAULT_MAX_JSON_BYTES, ge=1024)
     cache_dir: str = str(DEFAULT_CACHE_DIR)
     retry: dict[str, Any] = Field(default_factory=dict)
     faults: list[dict[str, Any]] = Field(default_factory=list)
@@ -96,17 +101,21 @@ class AppArgs(BaseModel):
             "spares": self.spares,
             "cache_dir": self.cache_dir,
             "exit_after_device_failure_s": self.exit_after_device_failure_s,
+            "health_check_period_s": self.health_check_period_s,
         }
 
     def engine_user_config(self) -> dict[str, Any]:
-        """What an EngineReplica takes live: local retries and faults."""
-        return {
-            "local_retries": RetryPolicy.from_dict(self.retry).local_retries,
-            "faults": self.faults,
-        }
+        """What an EngineReplica takes live: its faults."""
+        return {"faults": self.faults}
 
     def router_user_config(self) -> dict[str, Any]:
-        return {"retry": self.retry, "max_body_bytes": self.max_body_bytes}
+        """What the Router takes live: the retry policy (local retries included: it sends
+        them with every attempt) and the body limits."""
+        return {
+            "retry": self.retry,
+            "max_body_bytes": self.max_body_bytes,
+            "max_json_body_bytes": self.max_json_body_bytes,
+        }
 
 
 def cache_path(raw: str) -> Path:

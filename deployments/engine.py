@@ -11,9 +11,11 @@ after, so Serve replaces it at once instead of after several failed health check
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,15 +24,16 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from engines.backend import LoadOptions, load_engine
+from engines.backend import Context, LoadOptions, load_engine
 from engines.cuda import device_info
-from engines.errors import DeviceFailure, UnknownModel
+from engines.errors import DeadlineExceeded, DeviceFailure, ReplicaFailure, UnknownModel
 from engines.faults import Fault, FaultInjector, FaultyEngine
 from engines.models import resolve
-from engines.runner import ModelRunner
+from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
 from .config import cache_path
+from .policy import RetryPolicy
 from .routing import AvoidFailedReplicasRouter
 
 log = logging.getLogger("ray.serve")
@@ -60,12 +63,13 @@ class ReplicaCore:
     def __init__(self, config: dict[str, Any], replica_id: str) -> None:
         self.replica_id = replica_id
         self.injector = FaultInjector()
-        self.local_retries = 2
         self.requests_seen = 0
+        self.health_period_s = float(config["health_check_period_s"])
         self._lock = threading.Lock()
         self.runners: dict[str, ModelRunner] = {}
         self.versions: dict[str, str] = {}
-        self._canaries: dict[str, Any] = {}
+        self._canaries: dict[str, Context] = {}
+        self._short_since: dict[str, float] = {}
         origins: dict[str, str] = {}
         cache_dir = cache_path(config["cache_dir"])
         try:
@@ -94,7 +98,6 @@ class ReplicaCore:
             raise
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.local_retries = int(user_config.get("local_retries", self.local_retries))
         self.injector.clear()
         for raw in user_config.get("faults") or []:
             self.injector.inject(Fault.from_dict(raw))
@@ -108,15 +111,38 @@ class ReplicaCore:
                 replica_id=self.replica_id,
             ) from None
 
+    def refuse_if_broken(self) -> None:
+        """A poisoned replica runs nothing more, for any model: its device is gone."""
+        broken = self.broken
+        if broken is not None:
+            raise DeviceFailure(f"replica {self.replica_id}: {broken.message}",
+                                replica_id=self.replica_id)
+
     def infer(
-        self, model: str, inputs: dict[str, np.ndarray], local_retries: int | None = None
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        *,
+        local_retries: int,
+        deadline: float | None = None,
+        call: Call | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         with self._lock:
             self.requests_seen += 1
         runner = self.runner(model)
-        retries = self.local_retries if local_retries is None else local_retries
-        outputs, trail = runner.infer(inputs, local_retries=retries)
+        self.refuse_if_broken()
+        try:
+            outputs, trail = runner.infer(
+                inputs, local_retries=local_retries, deadline=deadline, call=call
+            )
+        except DeviceFailure as failure:
+            self.poison(failure)
+            raise
         return outputs, [a.to_dict() for a in trail]
+
+    def poison(self, failure: DeviceFailure) -> None:
+        for runner in self.runners.values():
+            runner.pool.poison(failure)
 
     @property
     def broken(self) -> DeviceFailure | None:
@@ -125,23 +151,53 @@ class ReplicaCore:
                 return runner.poisoned
         return None
 
-    def check_health(self) -> None:
-        """Raise DeviceFailure if this process's device is gone (poisoned, or canary fails)."""
-        broken = self.broken
-        if broken is not None:
-            raise DeviceFailure(f"replica {self.replica_id}: {broken.message}",
-                                replica_id=self.replica_id)
+    def check_health(self, now: float | None = None) -> None:
+        """Raise DeviceFailure if this process's device is gone (poisoned, or a canary meets
+        a DeviceFailure); raise ReplicaFailure, poisoning nothing, if a canary fails twice in
+        a row on fresh contexts or a model has had fewer than half its contexts usable for
+        longer than one health period. Either way Serve replaces the replica."""
+        self.refuse_if_broken()
+        now = time.monotonic() if now is None else now
         for name, runner in self.runners.items():
+            self._canary(name, runner)
+            pool = runner.pool
+            pool.refill_soon()  # a refill that failed earlier may succeed now
+            if pool.usable * 2 >= pool.size:
+                self._short_since.pop(name, None)
+                continue
+            since = self._short_since.setdefault(name, now)
+            if now - since > self.health_period_s:
+                raise ReplicaFailure(
+                    f"replica {self.replica_id}: only {pool.usable} of {pool.size} contexts "
+                    f"of {name} usable for {now - since:.1f} s",
+                    replica_id=self.replica_id,
+                )
+
+    def _canary(self, name: str, runner: ModelRunner) -> None:
+        for attempt in range(2):
             try:
                 self.injector.check_device(name)
                 self._canaries[name].execute(example_inputs(runner.spec))
-            except Exception as exc:
+                return
+            except DeviceFailure as exc:
                 failure = DeviceFailure(
-                    f"replica {self.replica_id}: canary inference of {name} failed: {exc}",
+                    f"replica {self.replica_id}: canary inference of {name} failed: "
+                    f"{exc.message}",
                     replica_id=self.replica_id,
                 )
-                runner.pool.poison(failure)
+                self.poison(failure)
                 raise failure from exc
+            except Exception as exc:
+                log.warning("replica %s: canary of %s failed (%s); %s", self.replica_id, name,
+                            exc, "retrying on a fresh context" if attempt == 0 else "unhealthy")
+                self._canaries[name].close()
+                self._canaries[name] = runner.engine.create_context(0)
+                if attempt == 1:
+                    raise ReplicaFailure(
+                        f"replica {self.replica_id}: canary inference of {name} failed twice: "
+                        f"{type(exc).__name__}: {exc}",
+                        replica_id=self.replica_id,
+                    ) from exc
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -158,7 +214,7 @@ class ReplicaCore:
                     "version": self.versions[name],
                     "spec": r.spec,
                     "pool": {"live": r.pool.live, "spares": r.pool.spares,
-                             **r.pool.stats.__dict__},
+                             "usable": r.pool.usable, **r.pool.stats.__dict__},
                 }
                 for name, r in self.runners.items()
             },
@@ -177,13 +233,18 @@ class ReplicaCore:
 )
 class EngineReplica:
     """The Serve face of ReplicaCore. ``exclude``/``target`` are routing arguments (see
-    routing.py); Serve passes them to the method too, so every method accepts them."""
+    routing.py); Serve passes them to the method too, so every method accepts them.
+
+    Each model has its own concurrency limit (its ``pool_size``), taken before a worker
+    thread, so a slow model's queue never holds the threads of a fast one. A request waits
+    for it, and runs, only until the deadline it came with; past it, or when the Router
+    cancels the attempt, its run is abandoned (``Call.cancel``)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.exit_after_s = float(config["exit_after_device_failure_s"])
         self.core = ReplicaCore(config, self.replica_id)
-        # One thread per context: more would only wait in the pool.
+        self.limits = {name: asyncio.Semaphore(config["pool_size"]) for name in self.core.runners}
         self.executor = ThreadPoolExecutor(
             config["pool_size"] * len(self.core.runners), thread_name_prefix="infer"
         )
@@ -207,15 +268,35 @@ class EngineReplica:
         self,
         model: str,
         inputs: dict[str, np.ndarray],
-        local_retries: int | None = None,
+        local_retries: int = RetryPolicy.local_retries,
+        deadline_s: float = RetryPolicy.attempt_timeout_s,
         exclude: list[str] | None = None,
         target: str | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + deadline_s
+        call = Call()
+        run = functools.partial(
+            self.core.infer, model, inputs, local_retries=local_retries, deadline=deadline,
+            call=call,
+        )
         try:
-            return await loop.run_in_executor(
-                self.executor, self.core.infer, model, inputs, local_retries
-            )
+            self.core.refuse_if_broken()
+            self.core.runner(model)  # UnknownModel before anything waits
+            limit = self.limits[model]
+            async with asyncio.timeout(deadline_s):
+                async with limit:
+                    return await loop.run_in_executor(self.executor, run)
+        except TimeoutError:
+            call.cancel()
+            raise DeadlineExceeded(
+                f"{model}: the attempt's {deadline_s:.3f} s passed on replica "
+                f"{self.replica_id}",
+                replica_id=self.replica_id,
+            ) from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         except DeviceFailure:
             self._exit_soon()
             raise

@@ -6,11 +6,15 @@ place that decides, after each failure, whether and where to try again. ``RetryB
 caps cross-replica retries over all requests (Finagle/Envoy style), and ``Ejections``
 remembers replicas that failed badly enough to be skipped by everyone for a while.
 
-Nothing here imports Ray: the router feeds outcomes in as taxonomy errors.
+``PoisonedInputs`` remembers the fingerprints of queries of death.
+
+Nothing here imports Ray: the router feeds outcomes in as taxonomy errors, and replica ids
+as strings, so every decision is tested without a cluster.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -19,9 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+import numpy as np
+
 from engines.errors import (
     DeadlineExceeded,
     DeviceFailure,
+    Overloaded,
+    PoisonInput,
     ReplicaFailure,
     RetriesExhausted,
     TrtServeError,
@@ -32,12 +40,18 @@ from engines.errors import (
 class RetryPolicy:
     """Every knob of the retry layer. Times in seconds.
 
-    - ``local_retries``: fresh contexts a replica tries per request after a ContextFailure.
+    - ``local_retries``: fresh contexts a replica tries per request after a ContextFailure
+      (the Router sends it with every attempt: this is its one default).
     - ``max_attempts``: distinct replicas tried per request, the first included.
-    - ``deadline_s``: the whole request, every attempt and backoff included.
-    - ``attempt_timeout_s``: one attempt on one replica, never past the deadline.
-    - ``eject_s``: how long a replica that failed with DeviceFailure or ReplicaFailure is
-      skipped by every request.
+    - ``deadline_s``: the whole request, every attempt and backoff included, unless the
+      request sets its own; ``max_deadline_s`` caps what a request may ask for.
+    - ``attempt_timeout_s``: one attempt on one replica, never past the deadline. The
+      replica is told it and stops waiting or running when it passes.
+    - ``eject_s``: how long a replica that failed with DeviceFailure or died is skipped by
+      every request (a preference; an attempt that only timed out ejects nothing).
+    - ``backpressure_wait_s``: how long a request may wait for room in a replica's queue
+      before it is shed (503 with Retry-After), never past its deadline.
+    - ``poison_window_s``: how long requests identical to a query of death are refused.
     - ``budget_ratio`` / ``budget_window_s`` / ``budget_min_per_s``: cross-replica retries
       allowed over the last window: ratio x requests + min_per_s x window.
     - ``backoff_base_s`` / ``backoff_max_s``: full-jitter exponential backoff when no replica
@@ -47,8 +61,11 @@ class RetryPolicy:
     local_retries: int = 2
     max_attempts: int = 3
     deadline_s: float = 30.0
+    max_deadline_s: float = 300.0
     attempt_timeout_s: float = 5.0
     eject_s: float = 10.0
+    backpressure_wait_s: float = 1.0
+    poison_window_s: float = 300.0
     budget_ratio: float = 0.2
     budget_window_s: float = 10.0
     budget_min_per_s: float = 10.0
@@ -58,11 +75,13 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.local_retries < 0 or self.max_attempts < 1:
             raise ValueError("local_retries must be >= 0 and max_attempts >= 1")
-        positive = ("deadline_s", "attempt_timeout_s", "budget_window_s", "backoff_max_s")
+        positive = ("deadline_s", "max_deadline_s", "attempt_timeout_s", "budget_window_s",
+                    "backoff_max_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eject_s", "budget_ratio", "budget_min_per_s", "backoff_base_s"):
+        for name in ("eject_s", "budget_ratio", "budget_min_per_s", "backoff_base_s",
+                     "backpressure_wait_s", "poison_window_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -80,6 +99,14 @@ class RetryPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def deadline_for(self, requested_s: float | None) -> float:
+        """The request's deadline in seconds: its own, capped, or the default."""
+        if requested_s is None:
+            return min(self.deadline_s, self.max_deadline_s)
+        if not requested_s > 0:
+            raise DeadlineExceeded(f"the request's timeout ({requested_s}) is not > 0")
+        return min(float(requested_s), self.max_deadline_s)
 
     def backoff_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
@@ -157,14 +184,53 @@ class Ejections:
             self._until.clear()
 
 
+class PoisonedInputs:
+    """Fingerprints of queries of death (model + every input's name, dtype, shape and bytes),
+    each refused until its window ends. While none is remembered, ``refused`` hashes
+    nothing: the hot path pays for this only after a query of death was seen."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def fingerprint(model: str, inputs: Mapping[str, np.ndarray]) -> str:
+        digest = hashlib.blake2b(model.encode(), digest_size=16)
+        for name in sorted(inputs):
+            value = np.ascontiguousarray(inputs[name])
+            digest.update(f"|{name}|{value.dtype.str}|{value.shape}|".encode())
+            digest.update(value.data)
+        return digest.hexdigest()
+
+    def add(self, model: str, inputs: Mapping[str, np.ndarray], seconds: float,
+            now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        key = self.fingerprint(model, inputs)
+        with self._lock:
+            self._until[key] = now + seconds
+
+    def refused(self, model: str, inputs: Mapping[str, np.ndarray],
+                now: float | None = None) -> bool:
+        if not self._until:
+            return False
+        now = time.monotonic() if now is None else now
+        key = self.fingerprint(model, inputs)
+        with self._lock:
+            for stale in [k for k, t in self._until.items() if t <= now]:
+                del self._until[stale]
+            return key in self._until
+
+
 @dataclass
 class RequestRetries:
     """One request's attempts, and the decisions on them.
 
-    ``after_failure(error, replica)`` records a failed attempt and either returns (try
-    another replica, not one in ``exclude_now()``, preferably not one in ``ejected_now()``)
-    or raises the error the request ends with,
-    carrying the whole trail.
+    ``before_attempt(live)`` answers at once when the replicas that failed this request
+    cover every live one (nothing is ever sent to Serve's routing with nothing eligible).
+    ``after_failure(error, replica, timed_out=...)`` records a failed attempt and either
+    returns (try another replica, not one in ``exclude_now()``, preferably not one in
+    ``ejected_now()``) or raises the error the request ends with, carrying the whole trail.
+    ``after_backpressure()`` says how long to wait for room in a queue, or sheds the request.
     """
 
     policy: RetryPolicy
@@ -175,7 +241,9 @@ class RequestRetries:
     trail: list[dict[str, Any]] = field(default_factory=list)
     excluded: set[str] = field(default_factory=set)
     replicas_tried: int = 0
+    broke_on: int = 0  # replicas that died or failed with DeviceFailure under this request
     waits: int = 0
+    backpressure_since: float | None = None
 
     def remaining_s(self, now: float | None = None) -> float:
         return self.deadline - (time.monotonic() if now is None else now)
@@ -203,21 +271,53 @@ class RequestRetries:
             raise self.deadline_exceeded()
 
     def no_replica(self) -> RetriesExhausted:
-        """The error for a request that found no replica to try before its deadline."""
+        """The error for a request that has no replica left to try."""
         return RetriesExhausted(
-            f"{self.model}: no healthy replica left to try before the deadline (failed this "
-            f"request: {', '.join(self.exclude_now()) or 'none'})",
+            f"{self.model}: no healthy replica left to try (failed this request: "
+            f"{', '.join(self.exclude_now()) or 'none'})",
             trail=self.trail,
         )
 
-    def backpressure_wait_s(self) -> float:
-        """Every queue is full and nobody is to blame: how long to wait before trying again."""
-        self.check_deadline()
-        self.waits += 1
-        return min(self.policy.backoff_s(self.waits), max(0.0, self.remaining_s()))
+    def before_attempt(self, live: frozenset[str] | None, now: float | None = None) -> None:
+        """Raise the final error when no attempt can start: out of time, or every live
+        replica already failed this request. ``live`` None: not known yet (no check)."""
+        self.check_deadline(now)
+        if live is not None and live <= self.excluded:
+            raise self.no_replica()
 
-    def after_failure(self, error: TrtServeError, replica: str | None) -> None:
-        """Record a failed attempt; return to try another replica, or raise the final error."""
+    def after_backpressure(self, now: float | None = None) -> float:
+        """Every queue is full and nobody is to blame: seconds to wait before trying again,
+        or Overloaded once the request has waited ``backpressure_wait_s``."""
+        now = time.monotonic() if now is None else now
+        self.check_deadline(now)
+        if self.backpressure_since is None:
+            self.backpressure_since = now
+        waited = now - self.backpressure_since
+        if waited >= self.policy.backpressure_wait_s:
+            raise Overloaded(
+                f"{self.model}: every replica's queue stayed full for {waited:.2f} s; "
+                f"retry later",
+                trail=self.trail,
+            )
+        self.waits += 1
+        left = min(self.policy.backpressure_wait_s - waited, self.remaining_s(now))
+        return min(self.policy.backoff_s(self.waits), max(0.0, left))
+
+    def after_failure(
+        self,
+        error: TrtServeError,
+        replica: str | None,
+        *,
+        timed_out: bool = False,
+        died: bool = False,
+    ) -> None:
+        """Record a failed attempt; return to try another replica, or raise the final error.
+
+        ``timed_out``: the attempt ran out of its time; the replica may only have been busy,
+        so it is excluded for this request and ejected for nobody. ``died``: the replica's
+        process ended while this request was in flight on it. A DeviceFailure, a death or an
+        unavailable replica ejects it; a second replica broken under this request (by a
+        DeviceFailure or its death) makes the request a query of death."""
         if error.retry == "final":  # made by this request's own bookkeeping: trail is ours
             raise error
         self.trail.extend(error.trail)
@@ -225,11 +325,21 @@ class RequestRetries:
             error.trail = self.trail
             raise error
         self.replicas_tried += 1
+        broke = died or isinstance(error, DeviceFailure)
         if replica is not None:
             self.excluded.add(replica)
             # A replica that answered ContextFailure is healthy; its contexts were unlucky.
-            if isinstance(error, DeviceFailure | ReplicaFailure):
+            if broke or (isinstance(error, ReplicaFailure) and not timed_out):
                 self.ejections.eject(replica, self.policy.eject_s)
+        if broke:
+            self.broke_on += 1
+            if self.broke_on >= 2:
+                raise PoisonInput(
+                    f"{self.model}: two replicas broke while running this request (last: "
+                    f"{type(error).__name__}: {error.message}); identical requests are "
+                    f"refused for {self.policy.poison_window_s:g} s",
+                    trail=self.trail,
+                )
         self.check_deadline()
         last = f"last: {type(error).__name__}: {error.message}"
         if self.replicas_tried >= self.policy.max_attempts:

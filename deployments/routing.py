@@ -2,53 +2,62 @@
 
 Ray Serve's default router (power of two choices) knows nothing of our failures: plain
 Serve kept sending requests to a replica with a sticky CUDA error for 8 s. This router reads
-two keyword arguments that the Router passes to ``choose_replica``:
+keyword arguments that the Router passes to ``choose_replica``:
 
 - ``exclude``: replica ids (``ReplicaID.unique_id``) this request must not go to: those
   that failed it;
 - ``ejected``: replica ids every request should avoid for a while (``policy.Ejections``),
-  unless nothing else is left;
+  unless nothing else with room is left;
 - ``target``: a single replica id the request must go to (fault injection, diagnostics).
 
 Among what is left it keeps the default's power of two choices (the base class then probes
-the two queue lengths and takes the shorter). When nothing is left, or every candidate is
-known to be full, it waits with full jitter before the base class asks again; the caller
-bounds the whole wait with the request's deadline.
+the two queue lengths and takes the shorter, or backs off when both are full).
+
+It never waits itself: Ray 2.60 binds a routing task to one pending request until that
+request is fulfilled, and runs at most ``min(50, 2 x replicas)`` of them, so a request that
+waits inside ``choose_replicas`` holds routing for everyone. When nothing is eligible it
+sets ``should_backoff`` and returns; Serve backs off with the deploy-time
+``RequestRouterConfig`` parameters. The Router sees to it that a request whose exclusions
+cover every live replica never gets here (``replica_set``, which this router feeds).
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ray.serve._private.common import ReplicaID
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from .policy import RetryPolicy
-
-_BACKOFF = RetryPolicy()
+from .replica_set import publish
 
 
 def eligible(
-    candidates: Sequence[RunningReplica],
+    candidates: Sequence[str],
+    available: Iterable[str],
     exclude: Iterable[str],
     ejected: Iterable[str],
     target: str | None,
-) -> list[RunningReplica]:
-    """The candidates a request may go to.
+) -> list[str]:
+    """The replica ids a request may go to now.
 
-    ``exclude`` is hard (these failed this request). ``ejected`` is a preference: when it
-    would leave nothing, the ejected replicas are tried rather than none, so a burst of
-    failures across the fleet cannot eject every replica and stall all traffic.
+    ``exclude`` is hard (these failed this request). Capacity comes before the ejection
+    preference: among the allowed replicas with room (``available``, from the queue-length
+    cache), those not ejected; else ejected ones with room, rather than waiting for a full
+    replica that is not (so a burst of failures across the fleet can never stall all
+    traffic); else, when the cache says every allowed one is full, all of them, for Serve to
+    probe their queues afresh. Empty only when nothing is allowed at all.
     """
     if target is not None:
-        return [r for r in candidates if r.replica_id.unique_id == target]
-    hard = set(exclude)
-    allowed = [r for r in candidates if r.replica_id.unique_id not in hard]
+        allowed = [r for r in candidates if r == target]
+    else:
+        hard = set(exclude)
+        allowed = [r for r in candidates if r not in hard]
+    room = set(available)
+    with_room = [r for r in allowed if r in room]
     soft = set(ejected)
-    preferred = [r for r in allowed if r.replica_id.unique_id not in soft]
-    return preferred or allowed
+    return [r for r in with_room if r not in soft] or with_room or allowed
 
 
 def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
@@ -58,14 +67,20 @@ def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
 class AvoidFailedReplicasRouter(RequestRouter):
     """Power of two choices over the replicas a request has not been told to avoid."""
 
-    def initialize_state(self, **kwargs: Any) -> None:
-        self._waits: dict[str, int] = {}
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._publish()
 
-    async def _wait(self, pending_request: PendingRequest | None) -> None:
-        key = pending_request.metadata.internal_request_id if pending_request else ""
-        attempt = self._waits.get(key, 0)
-        self._waits[key] = attempt + 1
-        await asyncio.sleep(_BACKOFF.backoff_s(attempt))
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._publish()
+
+    def _publish(self) -> None:
+        publish(
+            self._deployment_id.app_name,
+            self._deployment_id.name,
+            frozenset(r.replica_id.unique_id for r in self._replicas_list),
+        )
 
     async def choose_replicas(
         self,
@@ -73,18 +88,20 @@ class AvoidFailedReplicasRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         kwargs = _routing_kwargs(pending_request)
-        allowed = eligible(
-            candidate_replicas,
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        available = self.select_available_replicas(candidate_replicas)
+        chosen = eligible(
+            list(by_id),
+            [r.replica_id.unique_id for r in available],
             kwargs.get("exclude") or (),
             kwargs.get("ejected") or (),
             kwargs.get("target"),
         )
-        available = self.select_available_replicas(allowed)
-        if not available:
-            await self._wait(pending_request)
+        if not chosen:
+            if pending_request is not None:
+                pending_request.routing_context.should_backoff = True
             return []
         if pending_request is not None:
-            self._waits.pop(pending_request.metadata.internal_request_id, None)
-        if len(available) <= 2:
-            return [random.sample(available, len(available))]
-        return [random.sample(available, 2)]
+            pending_request.routing_context.should_backoff = False
+        picked = random.sample(chosen, min(2, len(chosen)))
+        return [[by_id[r] for r in picked]]

@@ -75,7 +75,9 @@ def engine() -> DeploymentHandle:
 
 
 def describe_all() -> list[dict[str, Any]]:
-    return [r for r in engine().broadcast("describe").results(timeout_s=30)]
+    """Every live replica's report (one that dies meanwhile is left out)."""
+    replies = engine().broadcast("describe").results(timeout_s=30, return_exceptions=True)
+    return [r for r in replies if isinstance(r, dict)]
 
 
 def replica_ids() -> set[str]:
@@ -95,21 +97,31 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, every_s: float =
     return condition()
 
 
+Outcome = tuple[dict[str, np.ndarray], list[dict[str, Any]]] | BaseException
+
+
+def varied_inputs(i: int, rows: int = 2) -> dict[str, np.ndarray]:
+    """Request ``i``'s own input for tiny: every request differs, so one that breaks two
+    replicas by coincidence condemns only itself as a query of death, never its neighbours."""
+    return {"x": np.random.default_rng(i).standard_normal((rows, 16)).astype(np.float32)}
+
+
 def load(
     router: DeploymentHandle,
     total: int,
     in_flight: int,
     on_progress: Callable[[int], None] | None = None,
-    inputs: dict[str, np.ndarray] = X,
-) -> list[tuple[dict[str, np.ndarray], list[dict[str, Any]]] | BaseException]:
-    """``total`` requests through the router, ``in_flight`` at a time; every outcome kept."""
+) -> list[tuple[dict[str, np.ndarray], Outcome]]:
+    """``total`` requests through the router, ``in_flight`` at a time, each with its own
+    input; every input kept with its outcome."""
     done = 0
     lock = threading.Lock()
 
-    def one(_: int) -> Any:
+    def one(i: int) -> tuple[dict[str, np.ndarray], Outcome]:
         nonlocal done
+        inputs = varied_inputs(i)
         try:
-            result = router.infer_with_trail.remote("tiny", inputs, timeout=30).result()
+            result: Outcome = router.infer_with_trail.remote("tiny", inputs, timeout=30).result()
         except BaseException as exc:  # kept, and asserted on by the caller
             result = exc
         with lock:
@@ -117,7 +129,7 @@ def load(
             count = done
         if on_progress is not None:
             on_progress(count)
-        return result
+        return inputs, result
 
     with ThreadPoolExecutor(in_flight) as pool:
         return list(pool.map(one, range(total)))

@@ -44,11 +44,11 @@ def http_port() -> Iterator[int]:
 
 def _assert_all_answered(results: list) -> list[list[dict]]:
     trails = []
-    for result in results:
+    for inputs, result in results:
         assert not isinstance(result, BaseException), repr(result)
         outputs, trail = result
         np.testing.assert_allclose(
-            outputs["probs"], models.tiny_reference(X["x"])["probs"], rtol=1e-5, atol=1e-6
+            outputs["probs"], models.tiny_reference(inputs["x"])["probs"], rtol=1e-5, atol=1e-6
         )
         trails.append(trail)
     return trails
