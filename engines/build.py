@@ -27,14 +27,12 @@ whole story in its message: print it and exit non-zero.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -43,11 +41,11 @@ from typing import Any
 from . import cuda
 from .backend import DEFAULT_CACHE_DIR, DEFAULT_TRT_MAX_BATCH
 from .errors import EngineLoadFailure
-from .files import write_atomic
+from .files import locked, write_atomic
 from .models import ModelSource
 from .spec import IOSpec, TensorSpec
-from .tensorrt import MODULES, import_trt, io_spec, is_rtx, np_dtype, process_logger, said
-from .tensorrt import tensor_spec as make_tensor_spec
+from .trt_module import MODULES, import_trt, io_spec, is_rtx, np_dtype, process_logger, said
+from .trt_module import tensor_spec as make_tensor_spec
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +118,7 @@ def build_plan(
     meta_path = plan_path.with_suffix(".json")
     start = time.monotonic()
     # One builder per key at a time: replicas starting together wait, then find the plan.
-    with _locked(plans / f"{source.name}.{backend}.{key}.lock"):
+    with locked(plans / f"{source.name}.{backend}.{key}.lock"):
         cached = _cached_fields(plan_path, meta_path, key)
         if cached is not None:
             report(f"cache hit: {plan_path}")
@@ -351,18 +349,3 @@ def _progress_monitor(trt: ModuleType, report: Progress) -> Any:
             self._depth.pop(phase_name, None)
 
     return Monitor()
-
-
-# --- files ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-

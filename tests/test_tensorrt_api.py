@@ -41,6 +41,7 @@ trt = pytest.importorskip(
 import engines  # noqa: E402
 from engines import build as build_module  # noqa: E402
 from engines import tensorrt as adapter  # noqa: E402
+from engines import trt_module  # noqa: E402
 from engines.backend import Context, Engine, LoadOptions  # noqa: E402
 from engines.cuda import visible_device_count  # noqa: E402
 from engines.errors import EngineLoadFailure  # noqa: E402
@@ -60,25 +61,25 @@ def _resolves(module: types.ModuleType, path: str) -> bool:
 
 def _declared() -> set[str]:
     return {
-        *adapter.TRT_API_USED,
-        *adapter.TRT_API_OPTIONAL,
-        *adapter.TRT_API_RTX_ONLY,
-        *adapter.TRT_API_FULL_ONLY,
+        *trt_module.TRT_API_USED,
+        *trt_module.TRT_API_OPTIONAL,
+        *trt_module.TRT_API_RTX_ONLY,
+        *trt_module.TRT_API_FULL_ONLY,
     }
 
 
 def test_every_declared_name_exists_in_tensorrt_rtx() -> None:
-    names = (*adapter.TRT_API_USED, *adapter.TRT_API_OPTIONAL, *adapter.TRT_API_RTX_ONLY)
+    names = (*trt_module.TRT_API_USED, *trt_module.TRT_API_OPTIONAL, *trt_module.TRT_API_RTX_ONLY)
     missing = [name for name in names if not _resolves(trt, name)]
     assert not missing, f"tensorrt_rtx {trt.__version__} has no {missing}"
-    assert adapter.missing_api(trt) == []
+    assert trt_module.missing_api(trt) == []
 
 
 def test_full_tensorrt_only_names_are_absent_from_rtx_and_explained() -> None:
-    for name, why in adapter.TRT_API_FULL_ONLY.items():
+    for name, why in trt_module.TRT_API_FULL_ONLY.items():
         assert why.strip(), f"{name}: say why the full-TensorRT path needs it"
         assert not _resolves(trt, name), f"{name} exists in tensorrt_rtx: declare it as shared"
-    for name, why in adapter.TRT_API_RTX_ONLY.items():
+    for name, why in trt_module.TRT_API_RTX_ONLY.items():
         assert why.strip(), f"{name}: say why the RTX path needs it"
 
 
@@ -220,6 +221,16 @@ def test_the_adapter_imports_without_tensorrt(tmp_path: Path) -> None:
     assert "pip install tensorrt-rtx-cu13" in done.stdout, done.stdout + done.stderr
 
 
+def test_the_build_does_not_import_the_adapter() -> None:
+    # build.py and tensorrt.py once imported each other (one of them inside a function);
+    # both now take the shared pieces from trt_module.py, and only the adapter needs the build.
+    script = "import sys, engines.build; print(sorted(m for m in sys.modules if 'engines.' in m))"
+    root = Path(engines.__file__).parent.parent
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert "engines.trt_module" in done.stdout and "engines.tensorrt'" not in done.stdout
+
+
 # --- on a GPU ------------------------------------------------------------------------------
 
 requires_gpu = pytest.mark.skipif(visible_device_count() == 0,
@@ -232,7 +243,7 @@ def _runnable_backend(cache_dir: Path) -> str:
         return "tensorrt"
     plan = build_module.build_plan(resolve("tiny", cache_dir), "tensorrt-rtx", None, cache_dir,
                                    progress=lambda _: None)
-    runtime = trt.Runtime(adapter.process_logger(trt))
+    runtime = trt.Runtime(trt_module.process_logger(trt))
     validity, diagnostics = runtime.get_engine_validity(plan.path.read_bytes())
     if validity == trt.EngineValidity.INVALID:
         pytest.skip(f"needs full TensorRT (pip install tensorrt-cu13) or a GPU TensorRT-RTX "
@@ -281,7 +292,7 @@ def test_a_refused_gpu_gets_a_clear_error(tmp_path: Path) -> None:
     source = resolve("tiny", tmp_path)
     plan = build_module.build_plan(source, "tensorrt-rtx", None, tmp_path,
                                    progress=lambda _: None)
-    runtime = trt.Runtime(adapter.process_logger(trt))
+    runtime = trt.Runtime(trt_module.process_logger(trt))
     validity, _ = runtime.get_engine_validity(plan.path.read_bytes())
     if validity != trt.EngineValidity.INVALID:
         pytest.skip("TensorRT-RTX accepts this GPU: needs one it refuses (an H100, say)")
