@@ -134,12 +134,19 @@ def error_for(code: int, what: str) -> TrtServeError:
 _CODE_IN_TEXT = re.compile(r"(?:CUDA failure|CUDA error|cudaError\w*|error code)\D{0,12}(\d{1,4})")
 
 
-def error_from_text(text: str, what: str) -> TrtServeError | None:
-    """Find a CUDA error code in a library's message (ONNX Runtime's 'CUDA failure 700: ...')."""
+def code_in_text(text: str) -> int | None:
+    """The CUDA error code a library's message quotes (ONNX Runtime's 'CUDA failure 700: ...',
+    TensorRT's 'cudaError 700: ...'), if any."""
     match = _CODE_IN_TEXT.search(text)
-    if match is None:
+    return None if match is None else int(match.group(1))
+
+
+def error_from_text(text: str, what: str) -> TrtServeError | None:
+    """The taxonomy error for the CUDA error code quoted in a library's message, if any."""
+    code = code_in_text(text)
+    if code is None:
         return None
-    err = error_for(int(match.group(1)), what)
+    err = error_for(code, what)
     err.message = f"{err.message}: {text.strip()[:500]}"
     return err
 
@@ -263,6 +270,16 @@ def _describe(code: int) -> str:
     except (ImportError, ValueError):
         pass
     return f"CUDA error {code} ({name}{text})"
+
+
+def versions() -> dict[str, int]:
+    """The CUDA driver and runtime versions (1000 * major + 10 * minor), as CUDA reports them:
+    the driver is 0 where none is installed."""
+    runtime = _runtime()
+    return {
+        "cuda_driver": int(check(runtime.cudaDriverGetVersion(), "cudaDriverGetVersion")),
+        "cuda_runtime": int(check(runtime.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")),
+    }
 
 
 def set_device(ordinal: int) -> None:
