@@ -2,12 +2,12 @@
 which module a backend uses, the TensorRT names trtserve relies on, the process's logger, and
 the conversions from TensorRT's types to trtserve's.
 
-Full TensorRT (module ``tensorrt``, 10.1 or newer) and TensorRT-RTX (module ``tensorrt_rtx``)
-share one Python API. The adapter is written against the names both have; what only one has
-is listed apart in the TRT_API_* declarations below. tests/test_tensorrt_api.py checks every
-use in tensorrt.py and build.py against the class it is made on in the installed
-tensorrt_rtx, and that each is declared here, so import_trt's refusal covers everything used.
-In both files the TensorRT module is always held in a variable named ``trt``.
+Full TensorRT (module ``tensorrt``, 10.1 or newer, 11.x included) and TensorRT-RTX (module
+``tensorrt_rtx``) share one Python API. The adapter is written against the names both have;
+what only one has is listed apart in the TRT_API_* declarations below.
+tests/test_tensorrt_api.py checks every use in the adapter's files against the class it is
+made on in the installed tensorrt_rtx, and that each is declared here, so import_trt's
+refusal covers everything used. The TensorRT module is always held in a variable ``trt``.
 """
 
 from __future__ import annotations
@@ -18,12 +18,34 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from .errors import EngineLoadFailure
 from .spec import DYNAMIC, IOSpec, TensorSpec
+
+# TensorRT objects, for annotations. Neither module ships type stubs, so to a type checker
+# each is Any; tests/test_tensorrt_api.py reads the class each one names and checks every use
+# of a value so annotated (and of what its methods return) against that class of the
+# installed tensorrt_rtx. A TensorRT object passed to a function or kept on ``self`` is
+# annotated with one of these; locals get their class from the call that made them.
+TrtBuilder = Annotated[Any, "Builder"]
+TrtBuilderConfig = Annotated[Any, "IBuilderConfig"]
+TrtNetwork = Annotated[Any, "INetworkDefinition"]
+TrtParser = Annotated[Any, "OnnxParser"]
+TrtParserError = Annotated[Any, "ParserError"]
+TrtTensor = Annotated[Any, "ITensor"]
+TrtHostMemory = Annotated[Any, "IHostMemory"]
+TrtRuntime = Annotated[Any, "Runtime"]
+TrtEngine = Annotated[Any, "ICudaEngine"]
+TrtContext = Annotated[Any, "IExecutionContext"]
+TrtRuntimeConfig = Annotated[Any, "IRuntimeConfig"]
+TrtRuntimeCache = Annotated[Any, "IRuntimeCache"]
+TrtDataType = Annotated[Any, "DataType"]
+TrtDims = Annotated[Any, "Dims"]
+TrtErrorCode = Annotated[Any, "ErrorCodeTRT"]
+TrtSeverity = Annotated[Any, "ILogger.Severity"]
 
 # backend name -> (Python module, pip package that provides it, pyproject extra)
 MODULES: dict[str, tuple[str, str, str]] = {
@@ -31,9 +53,12 @@ MODULES: dict[str, tuple[str, str, str]] = {
     "tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx-cu13", "tensorrt-rtx"),
 }
 
-# Every TensorRT name used by this file and build.py that both modules have, as a path from
+# Every TensorRT name that tensorrt.py and build.py use and both modules have, as a path from
 # the module ("Runtime.deserialize_cuda_engine"). import_trt() refuses a module that lacks one,
-# so an old TensorRT fails at load with a list of what is missing, not mid-request.
+# so an old TensorRT fails at load with a list of what is missing, not mid-request. The floor
+# is TensorRT 10.1: ICudaEngine.device_memory_size_v2 and the two-argument
+# IExecutionContext.set_device_memory(memory, size) first appear in its Python bindings
+# (NVIDIA/TensorRT python/src/infer/pyCore.cpp: absent at tag v10.0.1, present at v10.1.0).
 TRT_API_USED: tuple[str, ...] = (
     "__version__",
     "nptype",
@@ -44,12 +69,14 @@ TRT_API_USED: tuple[str, ...] = (
     "ILogger.Severity.ERROR",
     "ILogger.Severity.WARNING",
     "ILogger.Severity.INFO",
+    "IErrorRecorder",
+    "ErrorCodeTRT.INTERNAL_ERROR",
+    "ErrorCodeTRT.FAILED_ALLOCATION",
     "Builder",
     "Builder.create_network",
     "Builder.create_builder_config",
     "Builder.create_optimization_profile",
     "Builder.build_serialized_network",
-    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
     "INetworkDefinition.num_inputs",
     "INetworkDefinition.get_input",
     "INetworkDefinition.num_outputs",
@@ -72,10 +99,6 @@ TRT_API_USED: tuple[str, ...] = (
     "IOptimizationProfile.set_shape",
     "IBuilderConfig.set_memory_pool_limit",
     "IBuilderConfig.add_optimization_profile",
-    "IBuilderConfig.create_timing_cache",
-    "IBuilderConfig.set_timing_cache",
-    "IBuilderConfig.get_timing_cache",
-    "ITimingCache.serialize",
     "MemoryPoolType.WORKSPACE",
     "IHostMemory.nbytes",
     "Runtime",
@@ -85,11 +108,15 @@ TRT_API_USED: tuple[str, ...] = (
     "ICudaEngine.get_tensor_mode",
     "ICudaEngine.get_tensor_dtype",
     "ICudaEngine.get_tensor_shape",
+    "ICudaEngine.get_tensor_location",
+    "ICudaEngine.is_shape_inference_io",
     "ICudaEngine.get_tensor_profile_shape",
     "ICudaEngine.device_memory_size_v2",
     "ICudaEngine.create_execution_context",
     "TensorIOMode.INPUT",
+    "TensorLocation.HOST",
     "ExecutionContextAllocationStrategy.USER_MANAGED",
+    "IExecutionContext.error_recorder",
     "IExecutionContext.set_device_memory",
     "IExecutionContext.set_input_shape",
     "IExecutionContext.get_tensor_shape",
@@ -98,14 +125,17 @@ TRT_API_USED: tuple[str, ...] = (
 )
 
 # Used where the module has them (hasattr decides), so neither module is required to.
-# Both exist in tensorrt_rtx; full TensorRT 10.x has IProgressMonitor, and its runtime has no
-# get_engine_validity (its deserialize_cuda_engine logs the reason instead).
+# Both modules have the progress monitor; full TensorRT's runtime has no get_engine_validity
+# (its deserialize_cuda_engine logs the reason instead). STRONGLY_TYPED is deprecated and
+# ignored from TensorRT 11.0 on, where every network is strongly typed (NvInfer.h of 11.1,
+# NetworkDefinitionCreationFlag), so its eventual removal must not stop a build.
 TRT_API_OPTIONAL: tuple[str, ...] = (
     "IProgressMonitor",
     "IProgressMonitor.phase_start",
     "IProgressMonitor.step_complete",
     "IProgressMonitor.phase_finish",
     "IBuilderConfig.progress_monitor",
+    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
     "Runtime.get_engine_validity",
     "EngineValidity.VALID",
     "EngineValidity.INVALID",
@@ -121,12 +151,21 @@ TRT_API_RTX_ONLY: dict[str, str] = {
     "IRuntimeConfig.set_execution_context_allocation_strategy": "USER_MANAGED via the config",
     "IRuntimeConfig.create_runtime_cache": "one runtime cache (JIT output) per engine",
     "IRuntimeConfig.set_runtime_cache": "every context of an engine shares that cache",
+    "IRuntimeCache.deserialize": "the JIT output of an earlier process, loaded from cache_dir",
+    "IRuntimeCache.serialize": "the JIT output, saved to cache_dir for the next process",
 }
 
-# Only full TensorRT has these. Empty: every name its path uses is in TRT_API_USED, which
-# tensorrt_rtx has too; the full path differs only by leaving the RTX-only names out (and by
-# actually attaching the timing cache, which RTX's GPU-less builder does not use).
-TRT_API_FULL_ONLY: dict[str, str] = {}
+# Used only on full TensorRT's path, so required only of full TensorRT. tensorrt_rtx still
+# has them, deprecated since TensorRT-RTX 1.2: no-ops there that force a GPU query at build
+# time ("Timing Cache Migration", docs.nvidia.com/deeplearning/tensorrt-rtx/latest/
+# inference-library/timing-cache-migration.html), so the RTX path never touches them.
+TRT_API_FULL_ONLY: dict[str, str] = {
+    "IBuilderConfig.create_timing_cache": "tactic timings of earlier builds on this GPU",
+    "IBuilderConfig.set_timing_cache": "the build reads and extends those timings",
+    "IBuilderConfig.get_timing_cache": "the extended timings, to save after the build",
+    "ITimingCache.serialize": "the timings as bytes for the cache dir",
+}
+
 
 def is_rtx(trt: ModuleType) -> bool:
     return trt.__name__ == "tensorrt_rtx"
@@ -166,13 +205,19 @@ def import_trt(backend: str) -> ModuleType:
             f"here ({type(exc).__name__}: {exc}); install it with `pip install {package}` "
             f"(or `pip install -e '.[{extra}]'`)"
         ) from exc
+    refuse_incomplete(trt)
+    return trt
+
+
+def refuse_incomplete(trt: ModuleType) -> None:
+    """EngineLoadFailure naming what ``trt`` lacks of what trtserve uses (a TensorRT before
+    10.1 lacks device_memory_size_v2 and the two-argument set_device_memory)."""
     missing = missing_api(trt)
     if missing:
         raise EngineLoadFailure(
-            f"{module} {getattr(trt, '__version__', '?')} lacks {', '.join(missing)}, which "
-            f"trtserve uses; it needs TensorRT 10.x/11.x or TensorRT-RTX 1.x"
+            f"{trt.__name__} {getattr(trt, '__version__', '?')} lacks {', '.join(missing)}, "
+            f"which trtserve uses; it needs TensorRT 10.1 or newer, or TensorRT-RTX 1.x"
         )
-    return trt
 
 
 # --- the process's logger -------------------------------------------------------------------
@@ -214,7 +259,7 @@ def _logger_class(trt: ModuleType) -> type:
             # too, so the message cannot be pinned to the thread that asked.
             self._captures: list[list[str]] = []
 
-        def log(self, sev: Any, msg: str) -> None:
+        def log(self, sev: TrtSeverity, msg: str) -> None:
             level = levels.get(sev)
             if level is None:
                 return
@@ -248,7 +293,7 @@ def said(messages: list[str]) -> str:
 # --- IOSpec from TensorRT ------------------------------------------------------------------
 
 
-def np_dtype(trt: ModuleType, dtype: Any, model: str, tensor: str) -> np.dtype:
+def np_dtype(trt: ModuleType, dtype: TrtDataType, model: str, tensor: str) -> np.dtype:
     try:
         return np.dtype(trt.nptype(dtype))
     except TypeError:
@@ -261,8 +306,8 @@ def np_dtype(trt: ModuleType, dtype: Any, model: str, tensor: str) -> np.dtype:
 def tensor_spec(
     name: str,
     dtype: np.dtype,
-    shape: Any,
-    profile: tuple[Any, Any] | None = None,
+    shape: TrtDims | tuple[int, ...],
+    profile: tuple[TrtDims, TrtDims] | None = None,
 ) -> TensorSpec:
     """A TensorSpec; ``profile`` is (min, max) for an input with dynamic dimensions."""
     dims = tuple(int(d) if int(d) >= 0 else DYNAMIC for d in shape)
