@@ -24,18 +24,37 @@ import logging
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
-from . import cuda
+from . import cuda, runtime_cache
 from .backend import LoadOptions
 from .build import BuildResult, build_plan
-from .errors import ContextFailure, EngineLoadFailure, InvalidInput, TrtServeError
+from .errors import (
+    ContextFailure,
+    DeviceFailure,
+    EngineLoadFailure,
+    InvalidInput,
+    TrtServeError,
+)
 from .models import ModelSource
 from .spec import IOSpec, TensorSpec
-from .trt_module import import_trt, io_spec, is_rtx, np_dtype, process_logger, said, tensor_spec
+from .trt_module import (
+    TrtContext,
+    TrtEngine,
+    TrtRuntime,
+    TrtRuntimeCache,
+    import_trt,
+    io_spec,
+    is_rtx,
+    np_dtype,
+    process_logger,
+    said,
+    tensor_spec,
+)
+from .trt_recorder import enqueue_failure, new_recorder, reported
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +70,14 @@ _DIAGNOSES: dict[str, str] = {
 }
 
 
-def engine_spec(trt: ModuleType, engine: Any, model: str) -> IOSpec:
+def engine_spec(trt: ModuleType, engine: TrtEngine, model: str) -> IOSpec:
+    """The IOSpec of a deserialized engine; EngineLoadFailure for a tensor trtserve cannot
+    feed (see refuse_unfeedable)."""
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
+        refuse_unfeedable(trt, engine, name, model)
         dtype = np_dtype(trt, engine.get_tensor_dtype(name), model, name)
         shape = tuple(engine.get_tensor_shape(name))
         if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
@@ -67,6 +89,22 @@ def engine_spec(trt: ModuleType, engine: Any, model: str) -> IOSpec:
             profile = (lo, hi)
         inputs.append(tensor_spec(name, dtype, shape, profile))
     return io_spec(inputs, outputs)
+
+
+def refuse_unfeedable(trt: ModuleType, engine: TrtEngine, name: str, model: str) -> None:
+    """Every I/O tensor gets a device buffer, so a tensor TensorRT wants in host memory (a
+    shape tensor, TensorLocation.HOST) or reads through infer_shapes would silently receive
+    a device pointer: refuse such an engine at load instead."""
+    why = []
+    if engine.get_tensor_location(name) == trt.TensorLocation.HOST:
+        why.append("lives in host memory (TensorLocation.HOST)")
+    if engine.is_shape_inference_io(name):
+        why.append("is read or written by shape inference (a shape tensor)")
+    if why:
+        raise EngineLoadFailure(
+            f"model '{model}': tensor '{name}' {' and '.join(why)}; trtserve feeds every "
+            f"input and output through device memory and cannot serve this engine"
+        )
 
 
 # --- engine and contexts -------------------------------------------------------------------
@@ -107,13 +145,17 @@ class TensorRTEngine:
         self.device = f"cuda:{options.device}"
         self.ordinal = options.device
         self.plan_path = build.path
-        self._trt = trt
+        self._trt: ModuleType = trt
         self._logger = process_logger(trt)
         self._lock = threading.Lock()
         self._free: list[_Slot] = []
         self._allocated = 0
         self._closed = False
-        self._runtime_cache: Any = None
+        # A DeviceFailure seen by a context: TensorRT's state may be invalid, so the runtime
+        # cache is not serialized from it at close.
+        self.broken = False
+        self._runtime_cache: TrtRuntimeCache | None = None
+        self._cache_path: Path | None = None
 
         plan = build.path.read_bytes()
         gpu = cuda.device_info(options.device)
@@ -122,7 +164,7 @@ class TensorRTEngine:
                 cuda.set_device(options.device)
             except TrtServeError as exc:
                 raise EngineLoadFailure(f"{backend}: cannot use {gpu.describe()}: {exc}") from exc
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime: TrtRuntime = trt.Runtime(self._logger)
         refused, reasons, messages = self._validity(plan, build)
         # Deserialize even after a refusal: get_engine_validity gives flags and often logs
         # nothing, while deserialize_cuda_engine logs the runtime's explanation in words.
@@ -131,10 +173,14 @@ class TensorRTEngine:
         if engine is None or refused:
             reasons = reasons or ["deserialize_cuda_engine returned None"]
             raise self._refusal(reasons, messages + deserializing, gpu, build)
-        self._engine = engine
+        self._engine: TrtEngine = engine
         self.spec = engine_spec(trt, engine, self.name)
         self._scratch_bytes = int(engine.device_memory_size_v2)
+        if is_rtx(trt) and gpu is not None:
+            self._cache_path = self._runtime_cache_path(options, build, gpu)
         self._output_shapes = self._probe_output_shapes()
+        # The probe compiled the kernels for this GPU: keep them for the next process.
+        self._save_runtime_cache()
 
     # The runtime's verdict ----------------------------------------------------------------
 
@@ -175,7 +221,7 @@ class TensorRTEngine:
 
     # Contexts -----------------------------------------------------------------------------
 
-    def _execution_context(self, what: str) -> tuple[Any, tuple[Any, ...]]:
+    def _execution_context(self, what: str) -> tuple[TrtContext, tuple[object, ...]]:
         """A new IExecutionContext with user-managed scratch, and what must outlive it."""
         trt = self._trt
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -187,17 +233,48 @@ class TensorRTEngine:
                 config.set_execution_context_allocation_strategy(strategy)
                 if self._runtime_cache is None:
                     self._runtime_cache = config.create_runtime_cache()
+                    self._load_runtime_cache()
                 if not config.set_runtime_cache(self._runtime_cache):
                     raise ContextFailure(f"{what}: the runtime cache was refused: "
                                          f"{said(messages)}")
                 context = self._engine.create_execution_context(config)
-                keep: tuple[Any, ...] = (self._engine, config, self._runtime_cache)
+                keep: tuple[object, ...] = (self._engine, config, self._runtime_cache)
             else:
                 context = self._engine.create_execution_context(strategy)
                 keep = (self._engine,)
         if context is None:
             raise ContextFailure(f"{what}: create_execution_context failed: {said(messages)}")
         return context, keep
+
+    # The runtime cache on disk (TensorRT-RTX) ----------------------------------------------
+
+    def _runtime_cache_path(self, options: LoadOptions, build: BuildResult,
+                            gpu: cuda.DeviceInfo) -> Path | None:
+        try:
+            versions = cuda.versions()
+        except TrtServeError as exc:
+            log.warning("%s: no runtime cache on disk: %s", self.name, exc)
+            return None
+        return runtime_cache.cache_path(options.cache_dir, build.key, gpu,
+                                        self._trt.__version__, versions)
+
+    def _load_runtime_cache(self) -> None:
+        if self._cache_path is None or self._runtime_cache is None:
+            return
+        try:
+            if runtime_cache.load(self._runtime_cache, self._cache_path):
+                log.info("%s: runtime cache loaded from %s", self.name, self._cache_path)
+        except OSError as exc:
+            log.warning("%s: cannot read runtime cache %s: %s", self.name, self._cache_path, exc)
+
+    def _save_runtime_cache(self) -> None:
+        if self._cache_path is None or self._runtime_cache is None or self.broken:
+            return
+        try:
+            runtime_cache.save(self._runtime_cache, self._cache_path)
+        except OSError as exc:  # a cache that cannot be written costs time, not correctness
+            log.warning("%s: cannot write runtime cache %s: %s", self.name, self._cache_path,
+                        exc)
 
     def _probe_output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Output shapes at the profile maximum, which size the output buffers.
@@ -275,6 +352,9 @@ class TensorRTEngine:
         with self._lock:
             if self._closed:
                 return
+        # Kernels compiled after load (shapes first seen by requests) are kept too.
+        self._save_runtime_cache()
+        with self._lock:
             self._closed = True
             free, self._free = self._free, []
             self._allocated -= len(free)
@@ -306,14 +386,21 @@ class TensorRTContext:
         cuda.set_device(engine.ordinal)
         self._slot = engine._take_slot(self._what)
         self._stream: cuda.Stream | None = None
+        self._context: TrtContext | None = None
+        # TensorRT reports this context's errors here rather than to the logger, with codes
+        # that say how bad they are (trt_recorder.py).
+        self._recorder = new_recorder(engine._trt)
         try:
             self._stream = cuda.Stream()
-            self._context, self._keep = engine._execution_context(self._what)
+            context, self._keep = engine._execution_context(self._what)
+            context.error_recorder = self._recorder
             slot = self._slot
-            self._context.set_device_memory(slot.scratch.ptr, slot.scratch.nbytes)
+            context.set_device_memory(slot.scratch.ptr, slot.scratch.nbytes)
             for name, buf in slot.device.items():
-                if not self._context.set_tensor_address(name, buf.ptr):
-                    raise ContextFailure(f"{self._what}: set_tensor_address('{name}') failed")
+                if not context.set_tensor_address(name, buf.ptr):
+                    raise ContextFailure(f"{self._what}: set_tensor_address('{name}') failed: "
+                                         f"{reported(self._recorder.entries())}")
+            self._context = context
         except BaseException:
             self._context = None
             if self._stream is not None:
@@ -327,23 +414,28 @@ class TensorRTContext:
             raise ContextFailure(f"{self._what}: the context is closed")
         try:
             return self._execute(inputs, self._context, self._stream)
+        except DeviceFailure:
+            self.engine.broken = True
+            raise
         except TrtServeError:
             raise
         except Exception as exc:  # a foreign exception must not escape the backend
             raise ContextFailure(f"{self._what}: {type(exc).__name__}: {exc}") from exc
 
-    def _execute(self, inputs: Mapping[str, np.ndarray], context: Any,
+    def _execute(self, inputs: Mapping[str, np.ndarray], context: TrtContext,
                  stream: cuda.Stream) -> dict[str, np.ndarray]:
-        engine, slot, what = self.engine, self._slot, self._what
+        engine, slot, what, recorder = self.engine, self._slot, self._what, self._recorder
         logger = engine._logger
         cuda.set_device(engine.ordinal)
+        recorder.clear()
         for t in engine.spec.inputs:
             value = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
             with logger.capture() as messages:
                 accepted = context.set_input_shape(t.name, value.shape)
             if not accepted:
                 raise InvalidInput(f"input '{t.name}': the engine rejects shape "
-                                   f"{list(value.shape)}: {said(messages)}")
+                                   f"{list(value.shape)}: {reported(recorder.entries())}; "
+                                   f"logged: {said(messages)}")
             np.copyto(slot.host[t.name].view(t.dtype, value.shape), value)
             cuda.copy_to_device_async(slot.device[t.name], slot.host[t.name], value.nbytes,
                                       stream, what)
@@ -355,11 +447,8 @@ class TensorRTContext:
                                    f"its shape at the profile maximum "
                                    f"{list(engine._output_shapes[t.name])}")
             outputs.append((t, shape))
-        with logger.capture() as messages:
-            enqueued = context.execute_async_v3(stream.handle)
-        if not enqueued:
-            raise ContextFailure(f"{what}: execute_async_v3 rejected the enqueue: "
-                                 f"{said(messages)}")
+        if not context.execute_async_v3(stream.handle):
+            raise enqueue_failure(recorder.entries(), stream.query(), what)
         for t, shape in outputs:
             cuda.copy_to_host_async(slot.host[t.name], slot.device[t.name],
                                     _nbytes(t.dtype, shape), stream, what)
