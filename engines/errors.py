@@ -88,6 +88,7 @@ class ExecutionError(TrtServeError):
     """A deterministic execution failure (invalid value, no kernel image for this device):
     the same work fails the same way on any context, so it is never retried."""
 
+    retry = "never"
     http_status = 500
 
 
