@@ -27,14 +27,12 @@ whole story in its message: print it and exit non-zero.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -43,11 +41,26 @@ from typing import Any
 from . import cuda
 from .backend import DEFAULT_CACHE_DIR, DEFAULT_TRT_MAX_BATCH
 from .errors import EngineLoadFailure
-from .files import write_atomic
+from .files import locked, write_atomic
 from .models import ModelSource
 from .spec import IOSpec, TensorSpec
-from .tensorrt import MODULES, import_trt, io_spec, is_rtx, np_dtype, process_logger, said
-from .tensorrt import tensor_spec as make_tensor_spec
+from .trt_module import (
+    MODULES,
+    TrtBuilder,
+    TrtBuilderConfig,
+    TrtHostMemory,
+    TrtNetwork,
+    TrtParser,
+    TrtParserError,
+    TrtTensor,
+    import_trt,
+    io_spec,
+    is_rtx,
+    np_dtype,
+    process_logger,
+    said,
+)
+from .trt_module import tensor_spec as make_tensor_spec
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +133,7 @@ def build_plan(
     meta_path = plan_path.with_suffix(".json")
     start = time.monotonic()
     # One builder per key at a time: replicas starting together wait, then find the plan.
-    with _locked(plans / f"{source.name}.{backend}.{key}.lock"):
+    with locked(plans / f"{source.name}.{backend}.{key}.lock"):
         cached = _cached_fields(plan_path, meta_path, key)
         if cached is not None:
             report(f"cache hit: {plan_path}")
@@ -209,14 +222,19 @@ def _cached_fields(plan_path: Path, meta_path: Path, key: str) -> dict[str, Any]
 # --- parse and build -----------------------------------------------------------------------
 
 
-def _parse(trt: ModuleType, source: ModelSource) -> tuple[Any, Any, Any]:
+def _parse(trt: ModuleType, source: ModelSource) -> tuple[TrtBuilder, TrtNetwork, TrtParser]:
     """Builder, strongly typed network and parser (the network needs the other two alive)."""
     logger = process_logger(trt)
     with logger.capture() as messages:
         builder = trt.Builder(logger)
     if builder is None:
         raise EngineLoadFailure(f"{trt.__name__}: cannot create a builder: {said(messages)}")
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    flags = 0
+    # TensorRT 11 ignores the flag (every network is strongly typed) and may drop it; in 10.x
+    # and TensorRT-RTX it asks for the strongly typed network trtserve is written for.
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     # The path lets the parser find weights stored beside the file.
     if not parser.parse(source.read_bytes(), str(source.path)):
@@ -228,7 +246,7 @@ def _parse(trt: ModuleType, source: ModelSource) -> tuple[Any, Any, Any]:
     return builder, network, parser
 
 
-def _parser_error(error: Any) -> str:
+def _parser_error(error: TrtParserError) -> str:
     where = f"{error.file()}:{error.line()} {error.func()}"
     if error.node() < 0:
         return f"{error.code()} (not tied to one node): {error.desc()} [{where}]"
@@ -239,7 +257,7 @@ def _parser_error(error: Any) -> str:
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def _batch_profile(network: Any, model: str, max_batch: int) -> Profile:
+def _batch_profile(network: TrtNetwork, model: str, max_batch: int) -> Profile:
     """input name -> (min, opt, max) shapes, for every input with a dynamic batch."""
     profile: Profile = {}
     for i in range(network.num_inputs):
@@ -259,8 +277,8 @@ def _batch_profile(network: Any, model: str, max_batch: int) -> Profile:
     return profile
 
 
-def _network_spec(trt: ModuleType, network: Any, model: str, profile: Profile) -> IOSpec:
-    def spec(tensor: Any, bounds: tuple[Any, ...] | None) -> TensorSpec:
+def _network_spec(trt: ModuleType, network: TrtNetwork, model: str, profile: Profile) -> IOSpec:
+    def spec(tensor: TrtTensor, bounds: tuple[Any, ...] | None) -> TensorSpec:
         dtype = np_dtype(trt, tensor.dtype, model, tensor.name)
         return make_tensor_spec(tensor.name, dtype, tuple(tensor.shape),
                                 (bounds[0], bounds[2]) if bounds else None)
@@ -272,7 +290,7 @@ def _network_spec(trt: ModuleType, network: Any, model: str, profile: Profile) -
 
 
 def _build(trt: ModuleType, source: ModelSource, fields: dict[str, Any], cache_dir: Path,
-           report: Progress) -> tuple[Any, IOSpec]:
+           report: Progress) -> tuple[TrtHostMemory, IOSpec]:
     builder, network, _parser = _parse(trt, source)
     shapes = _batch_profile(network, source.name, fields["profile"]["max_batch"])
     spec = _network_spec(trt, network, source.name, shapes)
@@ -312,7 +330,7 @@ def _build(trt: ModuleType, source: ModelSource, fields: dict[str, Any], cache_d
     return plan, spec
 
 
-def _attach_timing_cache(trt: ModuleType, config: Any, cache_dir: Path,
+def _attach_timing_cache(trt: ModuleType, config: TrtBuilderConfig, cache_dir: Path,
                          target: dict[str, Any]) -> Path:
     """Full TensorRT times tactics on the GPU; the timing cache keeps those timings for the
     next build on the same kind of GPU. Returns where to save it after the build."""
@@ -351,18 +369,3 @@ def _progress_monitor(trt: ModuleType, report: Progress) -> Any:
             self._depth.pop(phase_name, None)
 
     return Monitor()
-
-
-# --- files ---------------------------------------------------------------------------------
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-

@@ -1,11 +1,21 @@
 """CUDA through cuda-python (``cuda.bindings``): device queries, device and pinned host
 buffers, streams and async copies, and CUDA error codes mapped onto the taxonomy.
 
-A sticky error (illegal address, launch failure, uncorrectable ECC...) leaves the CUDA
-context of the whole process unusable: every later call fails, a new stream included. Those
-become DeviceFailure, and the replica must restart. Any other CUDA error concerns one
-operation, and a fresh execution context may succeed: ContextFailure.
-``provoke_illegal_address`` causes a real one on purpose, for the ``cuda`` fault kind.
+CUDA errors fall into four classes, each with its own answer:
+
+- process-fatal: a sticky error (illegal address, launch failure...) leaves the CUDA context
+  of the whole process unusable, every later call fails, a new stream included; and some
+  errors concern the process itself (no driver, no device). DeviceFailure: the replica must
+  restart.
+- deterministic (invalid value, no kernel image for this device): the same work fails the
+  same way on any context. ExecutionError, never retried.
+- out of memory: OutOfMemory, one fresh context locally, then another replica.
+- anything else concerns one operation, and a fresh execution context may succeed:
+  ContextFailure.
+
+The same classes apply to ONNX Runtime's CUDA failures, read from their text
+(``error_from_text``). ``provoke_illegal_address`` causes a real sticky error on purpose, for
+the ``cuda`` fault kind.
 
 cuda-python imports without a driver, so everything here degrades to "no GPU" on a machine
 without one instead of failing at import.
@@ -21,11 +31,26 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ContextFailure, DeviceFailure, EngineLoadFailure, TrtServeError
+from .errors import (
+    ContextFailure,
+    DeviceFailure,
+    EngineLoadFailure,
+    ExecutionError,
+    OutOfMemory,
+    TrtServeError,
+)
 
-# cudaError_t values whose effect is sticky (CUDA runtime API docs, "Error Handling").
+# Source of every table below: the cudaError_t reference of the CUDA Runtime API
+# (https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html), whose text
+# cuda-python ships as each member's __doc__ (cuda-bindings 13.4.4 here). tests/test_cuda_errors.py
+# checks every number against the installed enum's name, and that every code whose doc says
+# "the process must be terminated and relaunched" is in STICKY_ERRORS.
+
+# Sticky: the doc of each says "To continue using CUDA, the process must be terminated and
+# relaunched", except 214, uncorrectable ECC: a hardware fault that no context can work around.
 STICKY_ERRORS: dict[int, str] = {
     214: "cudaErrorECCUncorrectable",
+    226: "cudaErrorContained",
     700: "cudaErrorIllegalAddress",
     702: "cudaErrorLaunchTimeout",
     710: "cudaErrorAssert",
@@ -35,32 +60,93 @@ STICKY_ERRORS: dict[int, str] = {
     717: "cudaErrorInvalidAddressSpace",
     718: "cudaErrorInvalidPc",
     719: "cudaErrorLaunchFailure",
+    721: "cudaErrorTensorMemoryLeak",
+    810: "cudaErrorMpsClientTerminated",
+    911: "cudaErrorExternalDevice",
+}
+
+# Not sticky, but about the process, not one context: the driver, the devices it sees, the
+# primary context. A fresh execution context in the same process meets the same error.
+PROCESS_ERRORS: dict[int, str] = {
+    3: "cudaErrorInitializationError",
+    34: "cudaErrorStubLibrary",
+    35: "cudaErrorInsufficientDriver",
+    46: "cudaErrorDevicesUnavailable",
+    100: "cudaErrorNoDevice",
+    101: "cudaErrorInvalidDevice",
+    201: "cudaErrorDeviceUninitialized",
+    709: "cudaErrorContextIsDestroyed",
+    802: "cudaErrorSystemNotReady",
+    803: "cudaErrorSystemDriverMismatch",
+    804: "cudaErrorCompatNotSupportedOnDevice",
+    999: "cudaErrorUnknown",
+}
+
+# The call itself is wrong for this device or these arguments ("not within an acceptable
+# range", "no kernel image ... suitable for the device"): repeating it repeats the error.
+DETERMINISTIC_ERRORS: dict[int, str] = {
+    1: "cudaErrorInvalidValue",
+    9: "cudaErrorInvalidConfiguration",
+    98: "cudaErrorInvalidDeviceFunction",
+    209: "cudaErrorNoKernelImageForDevice",
+    400: "cudaErrorInvalidResourceHandle",
+}
+
+# "unable to allocate enough memory or other resources": may pass once memory is freed.
+OUT_OF_MEMORY_ERRORS: dict[int, str] = {2: "cudaErrorMemoryAllocation"}
+
+# cudaStreamQuery's "still running", which is not an error.
+NOT_READY = 600
+
+_NAMES: dict[int, str] = {
+    **STICKY_ERRORS, **PROCESS_ERRORS, **DETERMINISTIC_ERRORS, **OUT_OF_MEMORY_ERRORS,
 }
 
 
-def is_sticky(code: int) -> bool:
-    return int(code) in STICKY_ERRORS
+def error_class(code: int) -> type[TrtServeError]:
+    """The taxonomy class for CUDA error ``code`` (never 0)."""
+    code = int(code)
+    if code in STICKY_ERRORS or code in PROCESS_ERRORS:
+        return DeviceFailure
+    if code in DETERMINISTIC_ERRORS:
+        return ExecutionError
+    if code in OUT_OF_MEMORY_ERRORS:
+        return OutOfMemory
+    return ContextFailure
 
 
 def error_for(code: int, what: str) -> TrtServeError:
     """The taxonomy error for CUDA error ``code`` raised while doing ``what``."""
     code = int(code)
-    name = STICKY_ERRORS.get(code) or _error_name(code)
-    if is_sticky(code):
-        return DeviceFailure(f"{what}: sticky CUDA error {code} ({name}); this process's GPU "
-                             f"state is lost")
-    return ContextFailure(f"{what}: CUDA error {code} ({name})")
+    said = f"{what}: CUDA error {code} ({_NAMES.get(code) or _error_name(code)})"
+    if code in STICKY_ERRORS:
+        return DeviceFailure(f"{said}, which is sticky: this process's GPU state is lost")
+    if code in PROCESS_ERRORS:
+        return DeviceFailure(f"{said}, which concerns the whole process: no new context can "
+                             f"cure it")
+    if code in DETERMINISTIC_ERRORS:
+        return ExecutionError(f"{said}, which the same work repeats on any context")
+    if code in OUT_OF_MEMORY_ERRORS:
+        return OutOfMemory(f"{said}: the device is out of memory")
+    return ContextFailure(said)
 
 
 _CODE_IN_TEXT = re.compile(r"(?:CUDA failure|CUDA error|cudaError\w*|error code)\D{0,12}(\d{1,4})")
 
 
-def error_from_text(text: str, what: str) -> TrtServeError | None:
-    """Find a CUDA error code in a library's message (ONNX Runtime's 'CUDA failure 700: ...')."""
+def code_in_text(text: str) -> int | None:
+    """The CUDA error code a library's message quotes (ONNX Runtime's 'CUDA failure 700: ...',
+    TensorRT's 'cudaError 700: ...'), if any."""
     match = _CODE_IN_TEXT.search(text)
-    if match is None:
+    return None if match is None else int(match.group(1))
+
+
+def error_from_text(text: str, what: str) -> TrtServeError | None:
+    """The taxonomy error for the CUDA error code quoted in a library's message, if any."""
+    code = code_in_text(text)
+    if code is None:
         return None
-    err = error_for(int(match.group(1)), what)
+    err = error_for(code, what)
     err.message = f"{err.message}: {text.strip()[:500]}"
     return err
 
@@ -91,8 +177,7 @@ def visible_device_count() -> int:
 # --- devices, buffers, streams ------------------------------------------------------------
 #
 # Every call below goes through check(), so a failing CUDA call always surfaces as a taxonomy
-# error (DeviceFailure for a sticky code, ContextFailure otherwise), never as a silently
-# ignored status tuple.
+# error (error_for's class), never as a silently ignored status tuple.
 
 
 def _runtime() -> Any:
@@ -174,7 +259,7 @@ def no_device_reason(ordinal: int = 0) -> str | None:
 
 
 def _describe(code: int) -> str:
-    name = STICKY_ERRORS.get(code) or _error_name(code)
+    name = _NAMES.get(code) or _error_name(code)
     text = ""
     try:
         from cuda.bindings import runtime
@@ -185,6 +270,16 @@ def _describe(code: int) -> str:
     except (ImportError, ValueError):
         pass
     return f"CUDA error {code} ({name}{text})"
+
+
+def versions() -> dict[str, int]:
+    """The CUDA driver and runtime versions (1000 * major + 10 * minor), as CUDA reports them:
+    the driver is 0 where none is installed."""
+    runtime = _runtime()
+    return {
+        "cuda_driver": int(check(runtime.cudaDriverGetVersion(), "cudaDriverGetVersion")),
+        "cuda_runtime": int(check(runtime.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")),
+    }
 
 
 def set_device(ordinal: int) -> None:
@@ -253,6 +348,12 @@ class Stream:
 
     def synchronize(self, what: str) -> None:
         check(_runtime().cudaStreamSynchronize(self._stream), f"{what}: cudaStreamSynchronize")
+
+    def query(self) -> int:
+        """cudaStreamQuery's code, unraised: 0 done, NOT_READY still running, else an error
+        of earlier asynchronous work (a sticky one shows up here first)."""
+        (err,) = _runtime().cudaStreamQuery(self._stream)
+        return int(err)
 
     def destroy(self) -> None:
         if self._stream is not None:

@@ -73,6 +73,25 @@ class ContextFailure(TrtServeError):
     http_status = 503
 
 
+class OutOfMemory(ContextFailure):
+    """The device ran out of memory for this execution (cudaErrorMemoryAllocation, TensorRT's
+    FAILED_ALLOCATION).
+
+    Memory may come back once other work finishes, so one fresh context in the same replica
+    is worth a try; a second failure sends the request to another replica.
+    """
+
+    local_retries = 1
+
+
+class ExecutionError(TrtServeError):
+    """A deterministic execution failure (invalid value, no kernel image for this device):
+    the same work fails the same way on any context, so it is never retried."""
+
+    retry = "never"
+    http_status = 500
+
+
 class DeviceFailure(TrtServeError):
     """The process's CUDA state is broken (sticky error, failed canary): it must restart."""
 

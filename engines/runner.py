@@ -2,7 +2,8 @@
 
 ``ModelRunner`` is one loaded model in one process: its engine (loaded once), its context
 pool, and ``infer``, which lends a context, executes, and on ContextFailure replaces the
-context with a warm spare and tries again, at most ``local_retries`` times. A DeviceFailure
+context with a warm spare and tries again, at most ``local_retries`` times (OutOfMemory:
+at most ``OutOfMemory.local_retries``, then it goes back to the router). A DeviceFailure
 poisons the runner: the process's GPU state is gone, so every later request fails fast
 instead of being tried on a device that cannot answer.
 
@@ -28,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from .backend import Context, Engine
-from .errors import ContextFailure, DeadlineExceeded, DeviceFailure, InvalidInput, TrtServeError
+from .errors import (
+    ContextFailure,
+    DeadlineExceeded,
+    DeviceFailure,
+    InvalidInput,
+    OutOfMemory,
+    TrtServeError,
+)
 from .pool import ContextPool
 from .spec import IOSpec
 
@@ -138,6 +146,11 @@ class ModelRunner:
                 trail.append(self._attempt(exc, started, context.generation))
                 if call.cancelled:
                     raise self._with_trail(_abandoned(self.name), trail) from None
+                # Out of memory gets fewer local tries: past those, another replica's memory.
+                if isinstance(exc, OutOfMemory) and sum(
+                    a.outcome == "OutOfMemory" for a in trail
+                ) > exc.local_retries:
+                    raise self._with_trail(exc, trail) from None
                 continue
             except TrtServeError as exc:
                 trail.append(self._attempt(exc, started, context.generation))

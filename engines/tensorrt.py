@@ -1,10 +1,6 @@
 """TensorRT and TensorRT-RTX engines and contexts: one adapter for two modules.
 
-Full TensorRT (module ``tensorrt``, 10.x/11.x) and TensorRT-RTX (module ``tensorrt_rtx``)
-share one Python API. The adapter is written against the names both have; what only one has
-is listed apart in the TRT_API_* declarations below, which tests/test_tensorrt_api.py checks
-against the installed tensorrt_rtx (and checks that this file and build.py use no other
-TensorRT name). In both files the TensorRT module is always held in a variable named ``trt``.
+The module, the names used and the logger come from trt_module.py; plans from build.py.
 
 Loading: build.build_plan builds the plan (or finds it in the plan cache), then the runtime
 itself decides whether this machine can run it: ``Runtime.get_engine_validity`` where the
@@ -24,130 +20,43 @@ compiles once at load, in the probe context) serves all the others.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import cuda
+from . import cuda, runtime_cache
 from .backend import LoadOptions
-from .errors import ContextFailure, EngineLoadFailure, InvalidInput, TrtServeError
+from .build import BuildResult, build_plan
+from .errors import (
+    ContextFailure,
+    DeviceFailure,
+    EngineLoadFailure,
+    InvalidInput,
+    TrtServeError,
+)
 from .models import ModelSource
-from .spec import DYNAMIC, IOSpec, TensorSpec
-
-if TYPE_CHECKING:
-    from .build import BuildResult
+from .spec import IOSpec, TensorSpec
+from .trt_module import (
+    TrtContext,
+    TrtEngine,
+    TrtRuntime,
+    TrtRuntimeCache,
+    import_trt,
+    io_spec,
+    is_rtx,
+    np_dtype,
+    process_logger,
+    said,
+    tensor_spec,
+)
+from .trt_recorder import enqueue_failure, new_recorder, reported
 
 log = logging.getLogger(__name__)
-
-# backend name -> (Python module, pip package that provides it, pyproject extra)
-MODULES: dict[str, tuple[str, str, str]] = {
-    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt"),
-    "tensorrt-rtx": ("tensorrt_rtx", "tensorrt-rtx-cu13", "tensorrt-rtx"),
-}
-
-# Every TensorRT name used by this file and build.py that both modules have, as a path from
-# the module ("Runtime.deserialize_cuda_engine"). import_trt() refuses a module that lacks one,
-# so an old TensorRT fails at load with a list of what is missing, not mid-request.
-TRT_API_USED: tuple[str, ...] = (
-    "__version__",
-    "nptype",
-    "ILogger",
-    "ILogger.log",
-    "ILogger.Severity",
-    "ILogger.Severity.INTERNAL_ERROR",
-    "ILogger.Severity.ERROR",
-    "ILogger.Severity.WARNING",
-    "ILogger.Severity.INFO",
-    "Builder",
-    "Builder.create_network",
-    "Builder.create_builder_config",
-    "Builder.create_optimization_profile",
-    "Builder.build_serialized_network",
-    "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
-    "INetworkDefinition.num_inputs",
-    "INetworkDefinition.get_input",
-    "INetworkDefinition.num_outputs",
-    "INetworkDefinition.get_output",
-    "ITensor.name",
-    "ITensor.shape",
-    "ITensor.dtype",
-    "OnnxParser",
-    "OnnxParser.parse",
-    "OnnxParser.num_errors",
-    "OnnxParser.get_error",
-    "ParserError.code",
-    "ParserError.desc",
-    "ParserError.node",
-    "ParserError.node_name",
-    "ParserError.node_operator",
-    "ParserError.file",
-    "ParserError.line",
-    "ParserError.func",
-    "IOptimizationProfile.set_shape",
-    "IBuilderConfig.set_memory_pool_limit",
-    "IBuilderConfig.add_optimization_profile",
-    "IBuilderConfig.create_timing_cache",
-    "IBuilderConfig.set_timing_cache",
-    "IBuilderConfig.get_timing_cache",
-    "ITimingCache.serialize",
-    "MemoryPoolType.WORKSPACE",
-    "IHostMemory.nbytes",
-    "Runtime",
-    "Runtime.deserialize_cuda_engine",
-    "ICudaEngine.num_io_tensors",
-    "ICudaEngine.get_tensor_name",
-    "ICudaEngine.get_tensor_mode",
-    "ICudaEngine.get_tensor_dtype",
-    "ICudaEngine.get_tensor_shape",
-    "ICudaEngine.get_tensor_profile_shape",
-    "ICudaEngine.device_memory_size_v2",
-    "ICudaEngine.create_execution_context",
-    "TensorIOMode.INPUT",
-    "ExecutionContextAllocationStrategy.USER_MANAGED",
-    "IExecutionContext.set_device_memory",
-    "IExecutionContext.set_input_shape",
-    "IExecutionContext.get_tensor_shape",
-    "IExecutionContext.set_tensor_address",
-    "IExecutionContext.execute_async_v3",
-)
-
-# Used where the module has them (hasattr decides), so neither module is required to.
-# Both exist in tensorrt_rtx; full TensorRT 10.x has IProgressMonitor, and its runtime has no
-# get_engine_validity (its deserialize_cuda_engine logs the reason instead).
-TRT_API_OPTIONAL: tuple[str, ...] = (
-    "IProgressMonitor",
-    "IProgressMonitor.phase_start",
-    "IProgressMonitor.step_complete",
-    "IProgressMonitor.phase_finish",
-    "IBuilderConfig.progress_monitor",
-    "Runtime.get_engine_validity",
-    "EngineValidity.VALID",
-    "EngineValidity.INVALID",
-    "EngineInvalidityDiagnostics",
-)
-
-# Only TensorRT-RTX has these, with why the RTX path needs them; required of tensorrt_rtx.
-TRT_API_RTX_ONLY: dict[str, str] = {
-    "ComputeCapability": "plans are built for named compute capabilities, with no GPU present",
-    "IBuilderConfig.num_compute_capabilities": "how many target compute capabilities to build",
-    "IBuilderConfig.set_compute_capability": "sets one build target",
-    "ICudaEngine.create_runtime_config": "the runtime cache is attached through a config",
-    "IRuntimeConfig.set_execution_context_allocation_strategy": "USER_MANAGED via the config",
-    "IRuntimeConfig.create_runtime_cache": "one runtime cache (JIT output) per engine",
-    "IRuntimeConfig.set_runtime_cache": "every context of an engine shares that cache",
-}
-
-# Only full TensorRT has these. Empty: every name its path uses is in TRT_API_USED, which
-# tensorrt_rtx has too; the full path differs only by leaving the RTX-only names out (and by
-# actually attaching the timing cache, which RTX's GPU-less builder does not use).
-TRT_API_FULL_ONLY: dict[str, str] = {}
 
 # EngineInvalidityDiagnostics bits in words, for the load error.
 _DIAGNOSES: dict[str, str] = {
@@ -161,161 +70,14 @@ _DIAGNOSES: dict[str, str] = {
 }
 
 
-def is_rtx(trt: ModuleType) -> bool:
-    return trt.__name__ == "tensorrt_rtx"
-
-
-def _resolve(trt: ModuleType, path: str) -> bool:
-    obj: Any = trt
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-
-
-def required_api(trt: ModuleType) -> tuple[str, ...]:
-    """The names ``trt`` must have for this adapter to use it."""
-    extra = TRT_API_RTX_ONLY if is_rtx(trt) else TRT_API_FULL_ONLY
-    return TRT_API_USED + tuple(extra)
-
-
-def missing_api(trt: ModuleType) -> list[str]:
-    return [name for name in required_api(trt) if not _resolve(trt, name)]
-
-
-def import_trt(backend: str) -> ModuleType:
-    """The TensorRT module for ``backend``, or EngineLoadFailure saying what to install."""
-    try:
-        module, package, extra = MODULES[backend]
-    except KeyError:
-        raise ValueError(f"not a TensorRT backend: '{backend}' (one of {list(MODULES)})") from None
-    try:
-        trt = importlib.import_module(module)
-    except (ImportError, OSError) as exc:
-        # OSError: the Python package is there but its shared libraries are not.
-        raise EngineLoadFailure(
-            f"backend '{backend}' needs the Python module '{module}', which cannot be imported "
-            f"here ({type(exc).__name__}: {exc}); install it with `pip install {package}` "
-            f"(or `pip install -e '.[{extra}]'`)"
-        ) from exc
-    missing = missing_api(trt)
-    if missing:
-        raise EngineLoadFailure(
-            f"{module} {getattr(trt, '__version__', '?')} lacks {', '.join(missing)}, which "
-            f"trtserve uses; it needs TensorRT 10.x/11.x or TensorRT-RTX 1.x"
-        )
-    return trt
-
-
-# --- the process's logger -------------------------------------------------------------------
-
-_LOGGERS: dict[str, Any] = {}
-_LOGGERS_LOCK = threading.Lock()
-
-
-def process_logger(trt: ModuleType) -> Any:
-    """The one TensorRT logger of this process for module ``trt`` (TensorRT wants one).
-
-    It forwards to Python logging (errors and warnings as such, info at debug, verbose not
-    at all) and, inside ``capture()``, also collects the warnings and errors, which is the
-    only way to learn why deserialize_cuda_engine returned None.
-    """
-    with _LOGGERS_LOCK:
-        logger = _LOGGERS.get(trt.__name__)
-        if logger is None:
-            logger = _logger_class(trt)()
-            _LOGGERS[trt.__name__] = logger
-        return logger
-
-
-def _logger_class(trt: ModuleType) -> type:
-    severity = trt.ILogger.Severity
-    levels = {
-        severity.INTERNAL_ERROR: logging.ERROR,
-        severity.ERROR: logging.ERROR,
-        severity.WARNING: logging.WARNING,
-        severity.INFO: logging.DEBUG,
-    }
-    trt_log = logging.getLogger(f"{__name__}.{trt.__name__}")
-
-    class CapturingLogger(trt.ILogger):  # type: ignore[misc, name-defined]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self._lock = threading.Lock()
-            # Every active capture gets every message: TensorRT logs from its own threads
-            # too, so the message cannot be pinned to the thread that asked.
-            self._captures: list[list[str]] = []
-
-        def log(self, sev: Any, msg: str) -> None:
-            level = levels.get(sev)
-            if level is None:
-                return
-            trt_log.log(level, "%s", msg)
-            if level >= logging.WARNING:
-                with self._lock:
-                    for captured in self._captures:
-                        captured.append(msg.strip())
-
-        @contextmanager
-        def capture(self) -> Iterator[list[str]]:
-            captured: list[str] = []
-            with self._lock:
-                self._captures.append(captured)
-            try:
-                yield captured
-            finally:
-                with self._lock:
-                    self._captures.remove(captured)
-
-    return CapturingLogger
-
-
-def said(messages: list[str]) -> str:
-    """What TensorRT logged, for an error message."""
-    if not messages:
-        return "nothing (no warning or error was logged)"
-    return " | ".join(dict.fromkeys(messages))
-
-
-# --- IOSpec from TensorRT ------------------------------------------------------------------
-
-
-def np_dtype(trt: ModuleType, dtype: Any, model: str, tensor: str) -> np.dtype:
-    try:
-        return np.dtype(trt.nptype(dtype))
-    except TypeError:
-        raise EngineLoadFailure(
-            f"model '{model}': tensor '{tensor}' has TensorRT type {dtype}, which has no numpy "
-            f"equivalent; trtserve serves numpy tensors"
-        ) from None
-
-
-def tensor_spec(
-    name: str,
-    dtype: np.dtype,
-    shape: Any,
-    profile: tuple[Any, Any] | None = None,
-) -> TensorSpec:
-    """A TensorSpec; ``profile`` is (min, max) for an input with dynamic dimensions."""
-    dims = tuple(int(d) if int(d) >= 0 else DYNAMIC for d in shape)
-    if profile is None:
-        return TensorSpec(name, dtype, dims)
-    lo, hi = profile
-    return TensorSpec(name, dtype, dims, tuple(int(d) for d in lo), tuple(int(d) for d in hi))
-
-
-def io_spec(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> IOSpec:
-    """The IOSpec, with max_batch from the profile max of the batched inputs."""
-    limits = [t.max_shape[0] for t in inputs if t.batched and t.max_shape is not None]
-    return IOSpec(tuple(inputs), tuple(outputs), min(limits) if limits else None)
-
-
-def engine_spec(trt: ModuleType, engine: Any, model: str) -> IOSpec:
+def engine_spec(trt: ModuleType, engine: TrtEngine, model: str) -> IOSpec:
+    """The IOSpec of a deserialized engine; EngineLoadFailure for a tensor trtserve cannot
+    feed (see refuse_unfeedable)."""
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
+        refuse_unfeedable(trt, engine, name, model)
         dtype = np_dtype(trt, engine.get_tensor_dtype(name), model, name)
         shape = tuple(engine.get_tensor_shape(name))
         if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
@@ -327,6 +89,22 @@ def engine_spec(trt: ModuleType, engine: Any, model: str) -> IOSpec:
             profile = (lo, hi)
         inputs.append(tensor_spec(name, dtype, shape, profile))
     return io_spec(inputs, outputs)
+
+
+def refuse_unfeedable(trt: ModuleType, engine: TrtEngine, name: str, model: str) -> None:
+    """Every I/O tensor gets a device buffer, so a tensor TensorRT wants in host memory (a
+    shape tensor, TensorLocation.HOST) or reads through infer_shapes would silently receive
+    a device pointer: refuse such an engine at load instead."""
+    why = []
+    if engine.get_tensor_location(name) == trt.TensorLocation.HOST:
+        why.append("lives in host memory (TensorLocation.HOST)")
+    if engine.is_shape_inference_io(name):
+        why.append("is read or written by shape inference (a shape tensor)")
+    if why:
+        raise EngineLoadFailure(
+            f"model '{model}': tensor '{name}' {' and '.join(why)}; trtserve feeds every "
+            f"input and output through device memory and cannot serve this engine"
+        )
 
 
 # --- engine and contexts -------------------------------------------------------------------
@@ -367,13 +145,17 @@ class TensorRTEngine:
         self.device = f"cuda:{options.device}"
         self.ordinal = options.device
         self.plan_path = build.path
-        self._trt = trt
+        self._trt: ModuleType = trt
         self._logger = process_logger(trt)
         self._lock = threading.Lock()
         self._free: list[_Slot] = []
         self._allocated = 0
         self._closed = False
-        self._runtime_cache: Any = None
+        # A DeviceFailure seen by a context: TensorRT's state may be invalid, so the runtime
+        # cache is not serialized from it at close.
+        self.broken = False
+        self._runtime_cache: TrtRuntimeCache | None = None
+        self._cache_path: Path | None = None
 
         plan = build.path.read_bytes()
         gpu = cuda.device_info(options.device)
@@ -382,7 +164,7 @@ class TensorRTEngine:
                 cuda.set_device(options.device)
             except TrtServeError as exc:
                 raise EngineLoadFailure(f"{backend}: cannot use {gpu.describe()}: {exc}") from exc
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime: TrtRuntime = trt.Runtime(self._logger)
         refused, reasons, messages = self._validity(plan, build)
         # Deserialize even after a refusal: get_engine_validity gives flags and often logs
         # nothing, while deserialize_cuda_engine logs the runtime's explanation in words.
@@ -391,10 +173,14 @@ class TensorRTEngine:
         if engine is None or refused:
             reasons = reasons or ["deserialize_cuda_engine returned None"]
             raise self._refusal(reasons, messages + deserializing, gpu, build)
-        self._engine = engine
+        self._engine: TrtEngine = engine
         self.spec = engine_spec(trt, engine, self.name)
         self._scratch_bytes = int(engine.device_memory_size_v2)
+        if is_rtx(trt) and gpu is not None:
+            self._cache_path = self._runtime_cache_path(options, build, gpu)
         self._output_shapes = self._probe_output_shapes()
+        # The probe compiled the kernels for this GPU: keep them for the next process.
+        self._save_runtime_cache()
 
     # The runtime's verdict ----------------------------------------------------------------
 
@@ -435,7 +221,7 @@ class TensorRTEngine:
 
     # Contexts -----------------------------------------------------------------------------
 
-    def _execution_context(self, what: str) -> tuple[Any, tuple[Any, ...]]:
+    def _execution_context(self, what: str) -> tuple[TrtContext, tuple[object, ...]]:
         """A new IExecutionContext with user-managed scratch, and what must outlive it."""
         trt = self._trt
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -447,17 +233,48 @@ class TensorRTEngine:
                 config.set_execution_context_allocation_strategy(strategy)
                 if self._runtime_cache is None:
                     self._runtime_cache = config.create_runtime_cache()
+                    self._load_runtime_cache()
                 if not config.set_runtime_cache(self._runtime_cache):
                     raise ContextFailure(f"{what}: the runtime cache was refused: "
                                          f"{said(messages)}")
                 context = self._engine.create_execution_context(config)
-                keep: tuple[Any, ...] = (self._engine, config, self._runtime_cache)
+                keep: tuple[object, ...] = (self._engine, config, self._runtime_cache)
             else:
                 context = self._engine.create_execution_context(strategy)
                 keep = (self._engine,)
         if context is None:
             raise ContextFailure(f"{what}: create_execution_context failed: {said(messages)}")
         return context, keep
+
+    # The runtime cache on disk (TensorRT-RTX) ----------------------------------------------
+
+    def _runtime_cache_path(self, options: LoadOptions, build: BuildResult,
+                            gpu: cuda.DeviceInfo) -> Path | None:
+        try:
+            versions = cuda.versions()
+        except TrtServeError as exc:
+            log.warning("%s: no runtime cache on disk: %s", self.name, exc)
+            return None
+        return runtime_cache.cache_path(options.cache_dir, build.key, gpu,
+                                        self._trt.__version__, versions)
+
+    def _load_runtime_cache(self) -> None:
+        if self._cache_path is None or self._runtime_cache is None:
+            return
+        try:
+            if runtime_cache.load(self._runtime_cache, self._cache_path):
+                log.info("%s: runtime cache loaded from %s", self.name, self._cache_path)
+        except OSError as exc:
+            log.warning("%s: cannot read runtime cache %s: %s", self.name, self._cache_path, exc)
+
+    def _save_runtime_cache(self) -> None:
+        if self._cache_path is None or self._runtime_cache is None or self.broken:
+            return
+        try:
+            runtime_cache.save(self._runtime_cache, self._cache_path)
+        except OSError as exc:  # a cache that cannot be written costs time, not correctness
+            log.warning("%s: cannot write runtime cache %s: %s", self.name, self._cache_path,
+                        exc)
 
     def _probe_output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Output shapes at the profile maximum, which size the output buffers.
@@ -535,6 +352,9 @@ class TensorRTEngine:
         with self._lock:
             if self._closed:
                 return
+        # Kernels compiled after load (shapes first seen by requests) are kept too.
+        self._save_runtime_cache()
+        with self._lock:
             self._closed = True
             free, self._free = self._free, []
             self._allocated -= len(free)
@@ -566,14 +386,21 @@ class TensorRTContext:
         cuda.set_device(engine.ordinal)
         self._slot = engine._take_slot(self._what)
         self._stream: cuda.Stream | None = None
+        self._context: TrtContext | None = None
+        # TensorRT reports this context's errors here rather than to the logger, with codes
+        # that say how bad they are (trt_recorder.py).
+        self._recorder = new_recorder(engine._trt)
         try:
             self._stream = cuda.Stream()
-            self._context, self._keep = engine._execution_context(self._what)
+            context, self._keep = engine._execution_context(self._what)
+            context.error_recorder = self._recorder
             slot = self._slot
-            self._context.set_device_memory(slot.scratch.ptr, slot.scratch.nbytes)
+            context.set_device_memory(slot.scratch.ptr, slot.scratch.nbytes)
             for name, buf in slot.device.items():
-                if not self._context.set_tensor_address(name, buf.ptr):
-                    raise ContextFailure(f"{self._what}: set_tensor_address('{name}') failed")
+                if not context.set_tensor_address(name, buf.ptr):
+                    raise ContextFailure(f"{self._what}: set_tensor_address('{name}') failed: "
+                                         f"{reported(self._recorder.entries())}")
+            self._context = context
         except BaseException:
             self._context = None
             if self._stream is not None:
@@ -587,23 +414,28 @@ class TensorRTContext:
             raise ContextFailure(f"{self._what}: the context is closed")
         try:
             return self._execute(inputs, self._context, self._stream)
+        except DeviceFailure:
+            self.engine.broken = True
+            raise
         except TrtServeError:
             raise
         except Exception as exc:  # a foreign exception must not escape the backend
             raise ContextFailure(f"{self._what}: {type(exc).__name__}: {exc}") from exc
 
-    def _execute(self, inputs: Mapping[str, np.ndarray], context: Any,
+    def _execute(self, inputs: Mapping[str, np.ndarray], context: TrtContext,
                  stream: cuda.Stream) -> dict[str, np.ndarray]:
-        engine, slot, what = self.engine, self._slot, self._what
+        engine, slot, what, recorder = self.engine, self._slot, self._what, self._recorder
         logger = engine._logger
         cuda.set_device(engine.ordinal)
+        recorder.clear()
         for t in engine.spec.inputs:
             value = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
             with logger.capture() as messages:
                 accepted = context.set_input_shape(t.name, value.shape)
             if not accepted:
                 raise InvalidInput(f"input '{t.name}': the engine rejects shape "
-                                   f"{list(value.shape)}: {said(messages)}")
+                                   f"{list(value.shape)}: {reported(recorder.entries())}; "
+                                   f"logged: {said(messages)}")
             np.copyto(slot.host[t.name].view(t.dtype, value.shape), value)
             cuda.copy_to_device_async(slot.device[t.name], slot.host[t.name], value.nbytes,
                                       stream, what)
@@ -615,17 +447,18 @@ class TensorRTContext:
                                    f"its shape at the profile maximum "
                                    f"{list(engine._output_shapes[t.name])}")
             outputs.append((t, shape))
-        with logger.capture() as messages:
-            enqueued = context.execute_async_v3(stream.handle)
-        if not enqueued:
-            raise ContextFailure(f"{what}: execute_async_v3 rejected the enqueue: "
-                                 f"{said(messages)}")
+        if not context.execute_async_v3(stream.handle):
+            raise enqueue_failure(recorder.entries(), stream.query(), what)
         for t, shape in outputs:
             cuda.copy_to_host_async(slot.host[t.name], slot.device[t.name],
                                     _nbytes(t.dtype, shape), stream, what)
         stream.synchronize(what)
         # Copies: the pinned buffers belong to the slot and are overwritten by the next run.
         return {t.name: slot.host[t.name].view(t.dtype, shape).copy() for t, shape in outputs}
+
+    def cancel(self) -> None:
+        """TensorRT cannot stop an enqueued execution: it finishes on its stream, and the pool
+        then closes this context (which synchronizes) instead of lending it again."""
 
     def close(self) -> None:
         if self._context is None or self._stream is None:
@@ -655,9 +488,6 @@ def _destroy_quietly(stream: cuda.Stream, what: str) -> None:
 
 
 def _load(backend: str, source: ModelSource, options: LoadOptions) -> TensorRTEngine:
-    # build.py imports this module's helpers, so it is imported here rather than at the top.
-    from .build import build_plan
-
     trt = import_trt(backend)
     build = build_plan(source, backend, options.max_batch, options.cache_dir,
                        device=options.device)

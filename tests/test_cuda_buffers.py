@@ -9,7 +9,12 @@ import pytest
 pytest.importorskip("cuda.bindings", reason="needs cuda-python: pip install cuda-python")
 
 from engines import cuda  # noqa: E402
-from engines.errors import ContextFailure, DeviceFailure  # noqa: E402
+from engines.errors import (  # noqa: E402
+    ContextFailure,
+    DeviceFailure,
+    ExecutionError,
+    OutOfMemory,
+)
 
 has_gpu = cuda.visible_device_count() > 0
 requires_gpu = pytest.mark.skipif(not has_gpu, reason="needs a CUDA GPU: CUDA sees none here")
@@ -20,16 +25,21 @@ def test_without_a_gpu_every_call_fails_as_a_taxonomy_error() -> None:
     assert cuda.device_info(0) is None
     reason = cuda.no_device_reason(0)
     assert reason is not None and "cudaGetDeviceCount" in reason
+    # No driver (35) or no device (100): the process cannot use CUDA, a context cannot help.
     for make in (lambda: cuda.DeviceBuffer(1024), lambda: cuda.PinnedBuffer(1024), cuda.Stream):
-        with pytest.raises(ContextFailure, match=r"CUDA error \d+"):
+        with pytest.raises(DeviceFailure, match=r"CUDA error \d+ .*whole process"):
             make()
 
 
-def test_check_maps_sticky_and_other_codes() -> None:
+def test_check_maps_each_class_of_code() -> None:
     with pytest.raises(DeviceFailure, match="cudaErrorIllegalAddress"):
         cuda.check((700,), "a kernel")
-    with pytest.raises(ContextFailure, match="CUDA error 2 "):
+    with pytest.raises(OutOfMemory, match="CUDA error 2 "):
         cuda.check((2, None), "cudaMalloc")
+    with pytest.raises(ExecutionError, match="cudaErrorInvalidValue"):
+        cuda.check((1,), "cudaMemcpyAsync")
+    with pytest.raises(ContextFailure, match="CUDA error 6 "):
+        cuda.check((6,), "a kernel")
     assert cuda.check((0, 42), "ok") == 42
     assert cuda.check((0,), "ok") is None
 
@@ -65,7 +75,7 @@ def test_an_impossible_allocation_is_a_context_failure() -> None:
     info = cuda.device_info(0)
     assert info is not None
     cuda.set_device(0)
-    with pytest.raises(ContextFailure, match="cudaErrorMemoryAllocation"):
+    with pytest.raises(OutOfMemory, match="cudaErrorMemoryAllocation"):
         cuda.DeviceBuffer(info.total_memory * 4)
     # Not sticky: the process can still allocate.
     cuda.DeviceBuffer(1 << 20).free()
