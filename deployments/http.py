@@ -36,8 +36,8 @@ def decode(
     body: bytes, headers: Mapping[str, str], spec: IOSpec, max_bytes: int, max_json_bytes: int
 ) -> protocol.InferRequest:
     """Undo the Content-Encoding, decode, and validate against ``spec``: the one check of an
-    HTTP request."""
-    header_length = protocol.parse_header_length(headers.get(protocol.HEADER_LENGTH))
+    HTTP request. ``headers``: names in lower case."""
+    header_length = protocol.parse_header_length(headers.get(protocol.HEADER_LENGTH.lower()))
     inflated = protocol.decode_content_encoding(
         body, headers.get("content-encoding"),
         max_bytes if header_length is not None else max_json_bytes,
@@ -55,7 +55,8 @@ class Codec:
         self, body: bytes, headers: Mapping[str, str], spec: IOSpec, max_bytes: int,
         max_json_bytes: int,
     ) -> protocol.InferRequest:
-        plain = dict(headers)
+        # A plain dict crosses to the decoding process; HTTP header names are case-blind.
+        plain = {name.lower(): value for name, value in headers.items()}
         if len(body) > JSON_IN_PROCESS_BYTES and protocol.HEADER_LENGTH.lower() not in plain:
             if self._processes is None:
                 # spawn: a process forked from a Ray worker inherits its threads' locks.
