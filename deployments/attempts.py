@@ -11,8 +11,9 @@ cancels an abandoned attempt, and remembers queries of death.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.metrics import Counter
 
-from engines.errors import PoisonInput, ReplicaFailure
+from engines.errors import PoisonInput, ReplicaFailure, TrtServeError
 from engines.runner import Attempt
 
+from .batcher import Batcher, Pending, concatenate, own_request, split
+from .catalogue import ModelInfo
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
 from .ray_errors import FailedAttempt, failed_attempt, outcome
 
@@ -48,6 +51,7 @@ class AttemptLoop:
             description="Attempts to run a request on a replica, by model and outcome.",
             tag_keys=("model", "outcome"),
         )
+        self._batchers: dict[str, Batcher] = {}
         self.requests = Counter(
             "trtserve_requests",
             description="Requests answered by the router, by model and outcome.",
@@ -64,30 +68,53 @@ class AttemptLoop:
         self.policy = policy
 
     async def run(
-        self, model: str, inputs: dict[str, np.ndarray], timeout: float | None
+        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> tuple[Outputs, Trail]:
         """Outputs and the trail; raises a taxonomy error carrying the trail otherwise."""
         label = "ok"
         try:
-            return await self._run(model, inputs, timeout)
+            return await self._run(info, inputs, timeout)
         except BaseException as exc:
             label = "cancelled" if isinstance(exc, asyncio.CancelledError) else outcome(exc)
             raise
         finally:
-            self.requests.inc(tags={"model": model, "outcome": label})
+            self.requests.inc(tags={"model": info.name, "outcome": label})
 
     async def _run(
-        self, model: str, inputs: dict[str, np.ndarray], timeout: float | None
+        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None
     ) -> tuple[Outputs, Trail]:
         policy = self.policy
-        if self.poisoned.refused(model, inputs):
+        if self.poisoned.refused(info.name, inputs):
             raise PoisonInput(
-                f"{model}: this request is identical to one that broke two replicas within "
+                f"{info.name}: this request is identical to one that broke two replicas within "
                 f"the last {policy.poison_window_s:g} s; refused without running it"
             )
         deadline = time.monotonic() + policy.deadline_for(timeout)
-        retries = RequestRetries(policy, self.budget, self.ejections, deadline, model)
+        retries = RequestRetries(policy, self.budget, self.ejections, deadline, info.name)
         self.budget.record_request()
+        batcher = self._batcher(info)
+        if batcher is None:
+            return await self._alone(info.name, inputs, retries)
+        return await batcher.submit(Pending(inputs, deadline, retries))  # type: ignore[no-any-return]
+
+    def _batcher(self, info: ModelInfo) -> Batcher | None:
+        if not info.batching.enabled:
+            return None
+        batcher = self._batchers.get(info.name)
+        if batcher is None or batcher.policy != info.batching:
+            batcher = Batcher(
+                info.name,
+                info.batching,
+                lambda: len(self.live() or ("one",)) * info.concurrency,
+                functools.partial(self._batch, info.name),
+            )
+            self._batchers[info.name] = batcher
+        return batcher
+
+    async def _alone(
+        self, model: str, inputs: dict[str, np.ndarray], retries: RequestRetries
+    ) -> tuple[Outputs, Trail]:
+        """One request, tried on one replica after another."""
         while True:
             retries.before_attempt(self.live())
             started = time.perf_counter()
@@ -97,23 +124,111 @@ class AttemptLoop:
                 await asyncio.sleep(retries.after_backpressure())
                 continue
             except FailedAttempt as failed:
-                err = failed.error
-                if not err.trail:
-                    ms = round((time.perf_counter() - started) * 1000.0, 3)
-                    err.trail = [Attempt(model, type(err).__name__, ms, failed.replica, None,
-                                         err.message).to_dict()]
-                self._count(model, err.trail)
-                try:
-                    retries.after_failure(
-                        err, failed.replica, timed_out=failed.timed_out, died=failed.died
-                    )
-                except PoisonInput:
-                    self.poisoned.add(model, inputs, policy.poison_window_s)
-                    raise
+                self._with_router_entry(model, failed, started)
+                self._count(model, failed.error.trail)
+                self._after_failure(model, inputs, retries, failed)
                 continue
             self._count(model, trail)
             retries.trail.extend(trail)
             return outputs, retries.trail
+
+    async def _batch(self, model: str, batch: list[Pending]) -> None:
+        """One attempt for the whole batch; then, on a failure, what is best for each of its
+        requests: a deterministic failure splits the batch in halves (so only the request
+        that causes it fails), any other failure sends each request on alone, with its own
+        deadline and retries, the failed replica excluded."""
+        batch = [p for p in batch if not p.future.done()]
+        if not batch:
+            return
+        if len(batch) == 1:
+            await _settle(batch[0], self._alone(model, batch[0].inputs, batch[0].payload))
+            return
+        retries: list[RequestRetries] = [p.payload for p in batch]
+        shared = RequestRetries(
+            self.policy, self.budget, self.ejections, min(r.deadline for r in retries), model,
+            excluded=set().union(*(r.excluded for r in retries)),
+        )
+        inputs = concatenate(batch)
+        while True:
+            started = time.perf_counter()
+            try:
+                shared.before_attempt(self.live())
+                outputs, trail = await self._attempt(model, inputs, shared)
+            except BackPressureError:
+                try:
+                    await asyncio.sleep(shared.after_backpressure())
+                except TrtServeError as final:
+                    _fail(batch, final)
+                    return
+                continue
+            except FailedAttempt as failed:
+                self._with_router_entry(model, failed, started)
+                self._count(model, failed.error.trail)
+                await self._after_batch_failure(model, batch, failed)
+                return
+            except TrtServeError:  # the earliest deadline passed, or nothing left for all
+                await asyncio.gather(*(own_request(self._go_alone(model, p)) for p in batch))
+                return
+            break
+        self._count(model, trail)
+        for pending, part in zip(batch, split(outputs, batch), strict=True):
+            pending.payload.trail.extend(trail)
+            if not pending.future.done():
+                pending.future.set_result((part, pending.payload.trail))
+
+    async def _after_batch_failure(
+        self, model: str, batch: list[Pending], failed: FailedAttempt
+    ) -> None:
+        err = failed.error
+        if err.retry == "never":
+            # Deterministic: the same batch would fail again anywhere. Halves find the culprit.
+            for pending in batch:
+                pending.payload.trail.extend(err.trail)
+            half = len(batch) // 2
+            await asyncio.gather(own_request(self._batch(model, batch[:half])),
+                                 own_request(self._batch(model, batch[half:])))
+            return
+        going_on = []
+        for i, pending in enumerate(batch):
+            own = FailedAttempt(_copy(err), failed.replica, failed.timed_out, failed.died)
+            try:
+                # One failover of a batch spends one unit of retry budget, as one request would.
+                self._after_failure(model, pending.inputs, pending.payload, own, spend=i == 0)
+            except TrtServeError as final:
+                if not pending.future.done():
+                    pending.future.set_exception(final)
+                continue
+            going_on.append(pending)
+        await asyncio.gather(*(own_request(self._go_alone(model, p)) for p in going_on))
+
+    async def _go_alone(self, model: str, pending: Pending) -> None:
+        await _settle(pending, self._alone(model, pending.inputs, pending.payload))
+
+    def _after_failure(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray],
+        retries: RequestRetries,
+        failed: FailedAttempt,
+        *,
+        spend: bool = True,
+    ) -> None:
+        try:
+            retries.after_failure(failed.error, failed.replica, timed_out=failed.timed_out,
+                                  died=failed.died, spend=spend)
+        except PoisonInput:
+            self.poisoned.add(model, inputs, self.policy.poison_window_s)
+            raise
+
+    @staticmethod
+    def _with_router_entry(model: str, failed: FailedAttempt, started: float) -> None:
+        """A failure the replica did not describe (a death, a timeout) gets the Router's own
+        trail entry."""
+        err = failed.error
+        if not err.trail:
+            ms = round((time.perf_counter() - started) * 1000.0, 3)
+            err.trail = [Attempt(model, type(err).__name__, ms, failed.replica, None,
+                                 err.message).to_dict()]
 
     def _count(self, model: str, trail: Trail) -> None:
         for entry in trail:
@@ -163,3 +278,25 @@ class AttemptLoop:
             raise
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
             raise failed_attempt(exc, replica) from None
+
+
+def _copy(err: TrtServeError) -> TrtServeError:
+    """The same failure for another request of the batch: its own trail list."""
+    return type(err)(err.message, trail=list(err.trail), replica_id=err.replica_id)
+
+
+def _fail(batch: list[Pending], error: TrtServeError) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(_copy(error))
+
+
+async def _settle(pending: Pending, work: Awaitable[tuple[Outputs, Trail]]) -> None:
+    try:
+        result = await work
+    except TrtServeError as exc:
+        if not pending.future.done():
+            pending.future.set_exception(exc)
+        return
+    if not pending.future.done():
+        pending.future.set_result(result)

@@ -15,6 +15,8 @@ from typing import Any
 from engines.errors import RetriesExhausted, UnknownModel
 from engines.spec import IOSpec
 
+from .batcher import BatchPolicy
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -22,6 +24,8 @@ class ModelInfo:
     version: str
     backend: str
     spec: IOSpec
+    batching: BatchPolicy = BatchPolicy(batch_size=1)
+    concurrency: int = 1  # executions one replica runs at once for this model
 
     @property
     def platform(self) -> str:
@@ -55,7 +59,9 @@ class ModelCatalogue:
                     f"no engine replica answered within {timeout_s:g} s; none is up yet?"
                 ) from None
             self._models = {
-                name: ModelInfo(name, m["version"], m["backend"], m["spec"])
+                name: ModelInfo(name, m["version"], m["backend"], m["spec"],
+                                BatchPolicy.for_model(m["batching"], m["spec"]),
+                                int(m["concurrency"]))
                 for name, m in described["models"].items()
             }
             self._seen = live

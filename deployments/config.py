@@ -22,13 +22,17 @@ from .policy import RetryPolicy
 
 
 class ModelArgs(BaseModel):
-    """One served model: a built-in name or an .onnx path, with its own limits."""
+    """One served model: a built-in name or an .onnx path, with its own limits. The batching
+    knobs left unset take the app's."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
     max_batch: int | None = Field(default=None, ge=1)
     version: str = "1"
+    batch_size: int | None = Field(default=None, ge=1)
+    max_queue_delay_us: int | None = Field(default=None, ge=0)
+    preferred_batch_sizes: list[int] | None = None
 
 
 class AppArgs(BaseModel):
@@ -44,6 +48,9 @@ class AppArgs(BaseModel):
     router_replicas: int = Field(default=1, ge=1)
     router_cpus: float = Field(default=0.25, ge=0)
     max_batch: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
     pool_size: int = Field(default=4, ge=1)
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)
@@ -86,11 +93,15 @@ class AppArgs(BaseModel):
         return value
 
     def model_list(self) -> list[ModelArgs]:
+        """Every model with each knob it left unset filled in from the app's."""
         out = [m if isinstance(m, ModelArgs) else ModelArgs(model=m) for m in self.models]
         if not out:
             raise ValueError("no models to serve")
-        return [m if m.max_batch is not None else m.model_copy(update={"max_batch": self.max_batch})
-                for m in out]
+        inherited = ("max_batch", "batch_size", "max_queue_delay_us", "preferred_batch_sizes")
+        return [
+            m.model_copy(update={k: getattr(self, k) for k in inherited if getattr(m, k) is None})
+            for m in out
+        ]
 
     def engine_config(self) -> dict[str, Any]:
         """The EngineReplica's constructor argument (changing it replaces replicas)."""

@@ -68,6 +68,8 @@ class ReplicaCore:
         self._lock = threading.Lock()
         self.runners: dict[str, ModelRunner] = {}
         self.versions: dict[str, str] = {}
+        self.batching: dict[str, dict[str, Any]] = {}
+        self.concurrency = int(config["pool_size"])
         self._canaries: dict[str, Context] = {}
         self._short_since: dict[str, float] = {}
         origins: dict[str, str] = {}
@@ -90,6 +92,11 @@ class ReplicaCore:
                     replica=replica_id,
                 )
                 self.versions[source.name] = str(entry.get("version", "1"))
+                # The Router batches; the replica only tells it the model's knobs.
+                self.batching[source.name] = {
+                    k: entry[k] for k in ("batch_size", "max_queue_delay_us",
+                                          "preferred_batch_sizes") if k in entry
+                }
                 # The canary runs on the real engine, beside the pool: armed request faults
                 # stay for requests, while a broken device still shows.
                 self._canaries[source.name] = engine.create_context(0)
@@ -213,6 +220,8 @@ class ReplicaCore:
                     "device": r.engine.device,
                     "version": self.versions[name],
                     "spec": r.spec,
+                    "batching": self.batching[name],
+                    "concurrency": self.concurrency,
                     "pool": {"live": r.pool.live, "spares": r.pool.spares,
                              "usable": r.pool.usable, **r.pool.stats.__dict__},
                 }

@@ -310,6 +310,7 @@ class RequestRetries:
         *,
         timed_out: bool = False,
         died: bool = False,
+        spend: bool = True,
     ) -> None:
         """Record a failed attempt; return to try another replica, or raise the final error.
 
@@ -317,7 +318,8 @@ class RequestRetries:
         so it is excluded for this request and ejected for nobody. ``died``: the replica's
         process ended while this request was in flight on it. A DeviceFailure, a death or an
         unavailable replica ejects it; a second replica broken under this request (by a
-        DeviceFailure or its death) makes the request a query of death."""
+        DeviceFailure or its death) makes the request a query of death. ``spend`` False: the
+        retry budget was already charged for this failover (a batch's other requests)."""
         if error.retry == "final":  # made by this request's own bookkeeping: trail is ours
             raise error
         self.trail.extend(error.trail)
@@ -347,7 +349,7 @@ class RequestRetries:
                 f"{self.model}: {self.replicas_tried} replica(s) failed this request; {last}",
                 trail=self.trail,
             )
-        if not self.budget.try_spend():
+        if spend and not self.budget.try_spend():
             raise RetriesExhausted(
                 f"{self.model}: retry budget spent (at most {self.policy.budget_ratio:.0%} "
                 f"of requests + {self.policy.budget_min_per_s:g}/s over "

@@ -78,7 +78,7 @@ class Router:
         self, model: str, inputs: dict[str, Any], *, timeout: float | None = None
     ) -> tuple[Outputs, Trail]:
         info = await self.catalogue.model(model)
-        return await self.attempts.run(model, info.spec.validate(inputs), timeout)
+        return await self.attempts.run(info, info.spec.validate(inputs), timeout)
 
     @fastapi_app.post("/v2/models/{model}/infer")
     @fastapi_app.post("/v2/models/{model}/versions/{version}/infer")
@@ -91,7 +91,7 @@ class Router:
                 body, request.headers, info.spec, self.max_body_bytes, self.max_json_body_bytes
             )
             timeout = timeout_s(request.headers.get(protocol.TIMEOUT_HEADER), decoded.timeout_s)
-            outputs, trail = await self.attempts.run(model, decoded.inputs, timeout)
+            outputs, trail = await self.attempts.run(info, decoded.inputs, timeout)
             payload, headers = await self.codec.encode(
                 info.name,
                 info.version,

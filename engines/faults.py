@@ -18,6 +18,9 @@ each execution. Faults behave as the real failures do, as seen from above the ba
   context is cancelled meanwhile (as ONNX Runtime's ``RunOptions.terminate`` stops a run):
   then they fail with ContextFailure at once.
 - ``crash``: the next execution ends the process at once (``os._exit``), as a segfault would.
+- ``execution``: the next ``count`` executions fail with ExecutionError, deterministic and
+  not sticky, as a kernel that rejects an input value would (CUDA's invalid value). With a
+  ``marker`` it is a poison request: it fails every batch it is in, and only those.
 
 ``model`` restricts a fault to one model; None means any model in this process. ``marker``
 restricts it to executions whose input carries it: some row of the first input tensor starts
@@ -38,13 +41,13 @@ import numpy as np
 
 from .backend import Context, Engine
 from .cuda import no_device_reason, provoke_illegal_address
-from .errors import ContextFailure, DeviceFailure, InvalidInput
+from .errors import ContextFailure, DeviceFailure, ExecutionError, InvalidInput
 from .spec import IOSpec
 
 log = logging.getLogger(__name__)
 
-FaultKind = Literal["context", "device", "cuda", "hang", "crash"]
-KINDS: tuple[str, ...] = ("context", "device", "cuda", "hang", "crash")
+FaultKind = Literal["context", "device", "cuda", "hang", "crash", "execution"]
+KINDS: tuple[str, ...] = ("context", "device", "cuda", "hang", "crash", "execution")
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,9 @@ class FaultInjector:
             )
         if fault.kind == "device":
             raise DeviceFailure(f"{model}: {self._device_failed}; every CUDA call fails")
+        if fault.kind == "execution":
+            raise ExecutionError(f"{model} (context {generation}): injected fault: the kernel "
+                                 f"rejects an input value (cudaErrorInvalidValue)")
         if fault.kind == "cuda":
             code = provoke_illegal_address(0)
             log.critical("injected cuda fault (model %s): the kernel's synchronization reported "

@@ -51,6 +51,7 @@ class Attempt:
     replica: str | None = None
     generation: int | None = None
     message: str = ""
+    batch: int | None = None  # rows executed together (a dynamic batch, or the request's own)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
@@ -132,18 +133,19 @@ class ModelRunner:
         if local_retries < 0:
             raise ValueError(f"local_retries must be >= 0, got {local_retries}")
         call = call or Call()
+        rows = _rows(inputs)
         trail: list[Attempt] = []
         for _ in range(local_retries + 1):
             started = time.perf_counter()
             try:
                 context = self._acquire(deadline, call)
             except TrtServeError as exc:
-                trail.append(self._attempt(exc, started, None))
+                trail.append(self._attempt(exc, started, None, None))
                 raise self._with_trail(exc, trail) from None
             try:
                 outputs = self._execute(context, inputs, call)
             except ContextFailure as exc:
-                trail.append(self._attempt(exc, started, context.generation))
+                trail.append(self._attempt(exc, started, context.generation, rows))
                 if call.cancelled:
                     raise self._with_trail(_abandoned(self.name), trail) from None
                 # Out of memory gets fewer local tries: past those, another replica's memory.
@@ -153,10 +155,11 @@ class ModelRunner:
                     raise self._with_trail(exc, trail) from None
                 continue
             except TrtServeError as exc:
-                trail.append(self._attempt(exc, started, context.generation))
+                trail.append(self._attempt(exc, started, context.generation, rows))
                 raise self._with_trail(exc, trail) from None
             trail.append(
-                Attempt(self.name, "ok", _ms(started), self.replica, context.generation)
+                Attempt(self.name, "ok", _ms(started), self.replica, context.generation,
+                        batch=rows)
             )
             return outputs, trail
         raise ContextFailure(
@@ -210,9 +213,12 @@ class ModelRunner:
             else:
                 self.pool.replace(context)
 
-    def _attempt(self, exc: TrtServeError, started: float, generation: int | None) -> Attempt:
+    def _attempt(
+        self, exc: TrtServeError, started: float, generation: int | None, rows: int | None
+    ) -> Attempt:
         return Attempt(
-            self.name, type(exc).__name__, _ms(started), self.replica, generation, exc.message
+            self.name, type(exc).__name__, _ms(started), self.replica, generation, exc.message,
+            rows,
         )
 
     def _with_trail(self, exc: TrtServeError, trail: list[Attempt]) -> TrtServeError:
@@ -227,6 +233,11 @@ class ModelRunner:
 
 def _abandoned(model: str) -> DeadlineExceeded:
     return DeadlineExceeded(f"{model}: the request was abandoned (cancelled or out of time)")
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int | None:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else None
 
 
 def _ms(started: float) -> float:

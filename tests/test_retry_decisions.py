@@ -195,7 +195,8 @@ def test_a_death_and_an_unavailable_replica_are_told_apart() -> None:
 
 def _report(model: str) -> dict:
     spec = IOSpec((TensorSpec("x", np.float32, (-1, 4)),), (TensorSpec("y", np.float32, (-1,)),))
-    return {"models": {model: {"version": "1", "backend": "onnxruntime", "spec": spec}}}
+    return {"models": {model: {"version": "1", "backend": "onnxruntime", "spec": spec,
+                               "batching": {"batch_size": 8}, "concurrency": 2}}}
 
 
 def test_specs_are_asked_again_when_the_replicas_change() -> None:

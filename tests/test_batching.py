@@ -1,0 +1,131 @@
+"""Dynamic batching on a real local Ray cluster with real ONNX Runtime replicas: batches
+form under load and answer each request with its own rows; a request out of time in the
+queue never runs; a poison request fails alone; a replica killed under a batch loses
+nothing; a malformed request fails alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engines import models
+from engines.errors import DeadlineExceeded, ExecutionError, InvalidInput
+
+from .serving import (
+    deploy,
+    describe_all,
+    inject,
+    load,
+    local_serve,
+    replica_ids,
+    requests_seen,
+    varied_inputs,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+# Distinct random rows of tiny differ by far more than this in probs; float32 batched and
+# unbatched runs agree to about 1e-7.
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with local_serve() as p:
+        yield p
+
+
+def _call(router: Any, inputs: dict[str, np.ndarray], timeout: float = 5) -> Any:
+    try:
+        return router.infer_with_trail.remote("tiny", inputs, timeout=timeout).result()
+    except BaseException as exc:  # asserted on by the caller
+        return exc
+
+
+def _assert_own_rows(inputs: dict[str, np.ndarray], result: Any) -> list[dict[str, Any]]:
+    assert not isinstance(result, BaseException), repr(result)
+    outputs, trail = result
+    want = models.tiny_reference(inputs["x"])
+    np.testing.assert_allclose(outputs["probs"], want["probs"], rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(outputs["logits"], want["logits"], rtol=0, atol=10 * TOLERANCE)
+    return trail
+
+
+def test_batches_form_under_load_and_each_request_gets_its_own_rows(
+    port: int, cache_dir: Path
+) -> None:
+    router = deploy(cache_dir, replicas=2, pool_size=1)
+    rows = [1 + i % 3 for i in range(200)]
+    inputs = [varied_inputs(i, rows=r) for i, r in enumerate(rows)]
+    bad = {"x": inputs[7]["x"].astype(np.float64)}
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(_call, router, x) for x in inputs]
+        refused = pool.submit(_call, router, bad)
+        results = [f.result() for f in futures]
+    assert isinstance(refused.result(), InvalidInput)  # alone: the burst around it is served
+    batches = []
+    for x, result in zip(inputs, results, strict=True):
+        trail = _assert_own_rows(x, result)
+        assert trail[-1]["batch"] >= x["x"].shape[0]
+        batches.append(trail[-1]["batch"])
+    assert max(batches) > 3, batches  # rows of several requests ran as one
+
+
+def test_a_request_out_of_time_in_the_batch_queue_never_runs(port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir, replicas=1, pool_size=1,
+                    faults=[{"kind": "hang", "seconds": 2}])
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_call, router, varied_inputs(1), 5)
+        assert wait_until(lambda: describe_all()[0]["faults_pending"] == [], 5)
+        seen = requests_seen()
+        late = _call(router, varied_inputs(2), 0.5)
+        assert isinstance(late, DeadlineExceeded), repr(late)
+        _assert_own_rows(varied_inputs(1), first.result())
+    assert requests_seen() == seen  # the late request never reached a replica
+
+
+def test_a_poison_request_in_a_batch_fails_alone(port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir, replicas=1, pool_size=1,
+                    faults=[{"kind": "hang", "seconds": 1},
+                            {"kind": "execution", "marker": 777.0, "count": 1_000_000}])
+    inputs = [varied_inputs(i) for i in range(16)]
+    inputs[9]["x"][0, 0] = 777.0
+    with ThreadPoolExecutor(17) as pool:
+        holding = pool.submit(_call, router, varied_inputs(100))
+        assert wait_until(lambda: describe_all()[0]["faults_pending"][0]["kind"] == "execution",
+                          5)
+        futures = [pool.submit(_call, router, x) for x in inputs]  # gather behind the hang
+        results = [f.result() for f in futures]
+        holding.result()
+    poison = results[9]
+    assert isinstance(poison, ExecutionError), repr(poison)
+    assert poison.http_status == 500
+    assert any(a.get("batch", 0) > 2 for a in poison.trail), poison.trail  # it was batched
+    for i, (x, result) in enumerate(zip(inputs, results, strict=True)):
+        if i != 9:
+            _assert_own_rows(x, result)
+
+
+def test_a_replica_killed_under_a_batch_loses_no_request(port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir, replicas=2, pool_size=1)
+    victim = sorted(replica_ids())[0]
+    injected = []
+
+    def kill_victim(done: int) -> None:
+        if done == 40 and not injected:
+            injected.append(inject({"kind": "crash"}, target=victim))
+
+    results = load(router, 300, 24, on_progress=kill_victim)
+    assert injected
+    died = []
+    for x, result in results:
+        trail = _assert_own_rows(x, result)
+        if any(a["outcome"] == "ReplicaFailure" for a in trail):
+            died.append(trail)
+    assert died, "no batch was in flight on the replica that died"
