@@ -51,6 +51,8 @@ class AppArgs(BaseModel):
     batch_size: int = Field(default=32, ge=1)
     max_queue_delay_us: int = Field(default=0, ge=0)
     preferred_batch_sizes: list[int] = Field(default_factory=list)
+    ort_threads: int | None = Field(default=None, ge=1)
+    ort_allow_spinning: bool = False
     pool_size: int = Field(default=4, ge=1)
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)
@@ -113,6 +115,8 @@ class AppArgs(BaseModel):
             "cache_dir": self.cache_dir,
             "exit_after_device_failure_s": self.exit_after_device_failure_s,
             "health_check_period_s": self.health_check_period_s,
+            "ort_threads": self.ort_threads,
+            "ort_allow_spinning": self.ort_allow_spinning,
         }
 
     def engine_user_config(self) -> dict[str, Any]:

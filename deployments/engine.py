@@ -24,7 +24,7 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from engines.backend import Context, LoadOptions, load_engine
+from engines.backend import Context, Engine, LoadOptions, load_engine
 from engines.cuda import device_info
 from engines.errors import DeadlineExceeded, DeviceFailure, ReplicaFailure, UnknownModel
 from engines.faults import Fault, FaultInjector, FaultyEngine
@@ -57,6 +57,23 @@ def device_report() -> dict[str, Any]:
     }
 
 
+def warm_up(engine: Engine, context: Context, batch_size: int) -> None:
+    """Run every batch size the Router's batcher can form once, before any request: ONNX
+    Runtime's CUDA provider searches cuDNN's algorithms again for each new input shape
+    (``cudnn_conv_algo_search`` EXHAUSTIVE), which would otherwise stall live traffic. The
+    CPU provider has no such search, so replicas there start without it."""
+    limit = batch_size if engine.spec.max_batch is None else min(batch_size, engine.spec.max_batch)
+    if not all(t.batched for t in engine.spec.inputs):
+        limit = 1  # not batched by the Router: its one shape is the example's
+    started = time.perf_counter()
+    one = example_inputs(engine.spec)
+    context.execute(one)
+    for rows in range(2, limit + 1):
+        context.execute({name: np.repeat(value, rows, axis=0) for name, value in one.items()})
+    log.info("%s: warmed batch sizes 1..%d on %s in %.1f s", engine.name, limit, engine.device,
+             time.perf_counter() - started)
+
+
 class ReplicaCore:
     """Every model of one replica, and what the replica knows about itself."""
 
@@ -83,7 +100,11 @@ class ReplicaCore:
                         f"{entry['model']}); rename one file"
                     )
                 origins[source.name] = entry["model"]
-                options = LoadOptions(max_batch=entry.get("max_batch"), cache_dir=cache_dir)
+                options = LoadOptions(
+                    max_batch=entry.get("max_batch"), cache_dir=cache_dir,
+                    threads=config.get("ort_threads"),
+                    allow_spinning=bool(config.get("ort_allow_spinning", False)),
+                )
                 engine = load_engine(source, config["backend"], options)
                 self.runners[source.name] = ModelRunner(
                     FaultyEngine(engine, self.injector),
@@ -100,6 +121,9 @@ class ReplicaCore:
                 # The canary runs on the real engine, beside the pool: armed request faults
                 # stay for requests, while a broken device still shows.
                 self._canaries[source.name] = engine.create_context(0)
+                if engine.device.startswith("cuda"):
+                    warm_up(engine, self._canaries[source.name],
+                            self.batching[source.name].get("batch_size", 1))
         except BaseException:
             self.close()
             raise

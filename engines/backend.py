@@ -69,11 +69,16 @@ class LoadOptions:
     ``max_batch``: ONNX Runtime's batch limit (None: unbounded); for TensorRT, the profile
     max the plan is built with (None: DEFAULT_TRT_MAX_BATCH). ``device``: the CUDA ordinal
     inside this process (Ray sets CUDA_VISIBLE_DEVICES, so a pinned replica sees its GPU as 0).
+    ``threads``: ONNX Runtime's intra-op threads (None: 1 on the CUDA provider, where the GPU
+    does the work, ONNX Runtime's own default on the CPU). ``allow_spinning``: whether its
+    idle threads spin (they then compete with Serve's processes for the cores).
     """
 
     max_batch: int | None = None
     device: int = 0
     cache_dir: Path = DEFAULT_CACHE_DIR
+    threads: int | None = None
+    allow_spinning: bool = False
 
 
 Loader = Callable[[ModelSource, LoadOptions], Engine]

@@ -71,6 +71,20 @@ def map_error(exc: Exception, what: str) -> TrtServeError:
     return ContextFailure(f"{what}: {type(exc).__name__}: {text}")
 
 
+def session_options(options: LoadOptions, use_cuda: bool) -> ort.SessionOptions:
+    """Thread pools sized for a server: one replica process holds a session per model, next
+    to Serve's own processes, so idle threads do not spin and the CUDA provider (which only
+    schedules on the CPU) gets one thread unless told otherwise."""
+    so = ort.SessionOptions()
+    threads = options.threads if options.threads is not None else (1 if use_cuda else 0)
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    spin = "1" if options.allow_spinning else "0"
+    so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    return so
+
+
 class OnnxRuntimeContext:
     """An IOBinding and RunOptions on the shared session: one request at a time."""
 
@@ -123,7 +137,9 @@ class OnnxRuntimeEngine:
             else ["CPUExecutionProvider"]
         )
         try:
-            self.session = ort.InferenceSession(str(source.path), providers=providers)
+            self.session = ort.InferenceSession(
+                str(source.path), session_options(options, use_cuda), providers=providers
+            )
         except Exception as exc:
             raise EngineLoadFailure(
                 f"ONNX Runtime cannot load model '{source.name}' from {source.path}: {exc}"
