@@ -102,8 +102,8 @@ class ReplicaCore:
                 origins[source.name] = entry["model"]
                 options = LoadOptions(
                     max_batch=entry.get("max_batch"), cache_dir=cache_dir,
-                    threads=config.get("ort_threads"),
-                    allow_spinning=bool(config.get("ort_allow_spinning", False)),
+                    threads=config["ort_threads"],
+                    allow_spinning=config["ort_allow_spinning"],
                 )
                 engine = load_engine(source, config["backend"], options)
                 self.runners[source.name] = ModelRunner(
@@ -121,7 +121,7 @@ class ReplicaCore:
                 # The canary runs on the real engine, beside the pool: armed request faults
                 # stay for requests, while a broken device still shows.
                 self._canaries[source.name] = engine.create_context(0)
-                if engine.device.startswith("cuda"):
+                if engine.device.startswith("cuda") and config["cuda_warmup"]:
                     warm_up(engine, self._canaries[source.name],
                             self.batching[source.name].get("batch_size", 1))
         except BaseException:
