@@ -88,6 +88,19 @@ def inject(fault: dict[str, Any], target: str) -> dict[str, Any]:
     return engine().inject_fault.remote(fault, target=target).result(timeout_s=30)
 
 
+class FaultAt:
+    """A ``load`` progress callback: injects ``fault`` into ``target`` once ``at`` requests
+    are done, so the fault lands mid-load."""
+
+    def __init__(self, at: int, fault: dict[str, Any], target: str) -> None:
+        self.at, self.fault, self.target = at, fault, target
+        self.injected: dict[str, Any] | None = None
+
+    def __call__(self, done: int) -> None:
+        if done == self.at and self.injected is None:
+            self.injected = inject(self.fault, self.target)
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -17,9 +17,9 @@ from engines import models
 from engines.errors import DeadlineExceeded, ExecutionError, InvalidInput
 
 from .serving import (
+    FaultAt,
     deploy,
     describe_all,
-    inject,
     load,
     local_serve,
     replica_ids,
@@ -115,14 +115,9 @@ def test_a_poison_request_in_a_batch_fails_alone(port: int, cache_dir: Path) -> 
 def test_a_replica_killed_under_a_batch_loses_no_request(port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir, replicas=2, pool_size=1)
     victim = sorted(replica_ids())[0]
-    injected = []
-
-    def kill_victim(done: int) -> None:
-        if done == 40 and not injected:
-            injected.append(inject({"kind": "crash"}, target=victim))
-
-    results = load(router, 300, 24, on_progress=kill_victim)
-    assert injected
+    fault = FaultAt(40, {"kind": "crash"}, victim)
+    results = load(router, 300, 24, on_progress=fault)
+    assert fault.injected
     died = []
     for x, result in results:
         trail = _assert_own_rows(x, result)

@@ -165,21 +165,16 @@ def serve_on_the_gpu() -> Iterator[None]:
 def test_a_real_cuda_fault_under_load_loses_no_request(
     serve_on_the_gpu: None, cache_dir: Path
 ) -> None:
-    from .serving import deploy, describe_all, inject, load, replica_ids, wait_until
+    from .serving import FaultAt, deploy, describe_all, load, replica_ids, wait_until
 
     router = deploy(cache_dir, backend="onnxruntime", gpus_per_replica=0.5)
     replicas = describe_all()
     assert [r["models"]["tiny"]["device"] for r in replicas] == ["cuda:0", "cuda:0"]
     assert replicas[0]["device"]["ray_gpu_ids"] == replicas[1]["device"]["ray_gpu_ids"]
     victim, survivor = sorted(replica_ids())
-    injected: list[dict[str, Any]] = []
-
-    def break_victim(done: int) -> None:
-        if done == 50 and not injected:
-            injected.append(inject({"kind": "cuda"}, target=victim))
-
-    results = load(router, 500, 8, on_progress=break_victim)
-    assert injected
+    fault = FaultAt(50, {"kind": "cuda"}, victim)
+    results = load(router, 500, 8, on_progress=fault)
+    assert fault.injected
     trails = []
     for inputs, result in results:
         assert not isinstance(result, BaseException), repr(result)

@@ -21,6 +21,7 @@ from engines import models
 from engines.errors import InvalidInput
 
 from .serving import (
+    FaultAt,
     X,
     deploy,
     describe_all,
@@ -83,14 +84,9 @@ def test_a_context_fault_is_retried_in_the_same_replica(http_port: int, cache_di
 def test_a_device_fault_under_load_loses_no_request(http_port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir)
     victim, survivor = sorted(replica_ids())
-    injected = []
-
-    def break_victim(done: int) -> None:
-        if done == 50 and not injected:
-            injected.append(inject({"kind": "device"}, target=victim))
-
-    trails = _assert_all_answered(load(router, 500, 8, on_progress=break_victim))
-    assert injected
+    fault = FaultAt(50, {"kind": "device"}, victim)
+    trails = _assert_all_answered(load(router, 500, 8, on_progress=fault))
+    assert fault.injected
     failed = [t for t in trails if any(a["outcome"] != "ok" for a in t)]
     assert failed, "no request ever reached the broken replica"
     for trail in failed:
@@ -102,14 +98,9 @@ def test_a_device_fault_under_load_loses_no_request(http_port: int, cache_dir: P
 def test_a_replica_crashing_mid_load_loses_no_request(http_port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir)
     victim = sorted(replica_ids())[0]
-    injected = []
-
-    def crash_victim(done: int) -> None:
-        if done == 50 and not injected:
-            injected.append(inject({"kind": "crash"}, target=victim))
-
-    trails = _assert_all_answered(load(router, 300, 8, on_progress=crash_victim))
-    assert injected
+    fault = FaultAt(50, {"kind": "crash"}, victim)
+    trails = _assert_all_answered(load(router, 300, 8, on_progress=fault))
+    assert fault.injected
     assert any(a["outcome"] == "ReplicaFailure" for t in trails for a in t)
     assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
 
