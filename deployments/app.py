@@ -19,13 +19,29 @@ from .router import Router
 APP_NAME = "trtserve"
 
 
+def _cluster(resource: str) -> float:
+    if not ray.is_initialized():
+        ray.init()
+    return float(ray.cluster_resources().get(resource, 0))
+
+
 def gpus_per_replica(setting: str | float) -> float:
     """``auto``: one GPU per replica where the cluster has GPUs, else none."""
     if setting != "auto":
         return float(setting)
-    if not ray.is_initialized():
-        ray.init()
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if _cluster("GPU") > 0 else 0.0
+
+
+CPUS_PER_ROUTER = 4
+
+
+def router_replicas(setting: str | int) -> int:
+    """``auto``: one Router per CPUS_PER_ROUTER cores of the cluster, at least one. A Router
+    is one Python process; past a few thousand requests a second it is the bottleneck, and
+    the proxy, the engine replicas and the load need the other cores."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, int(_cluster("CPU")) // CPUS_PER_ROUTER)
 
 
 def bind_engine(args: AppArgs) -> Application:
@@ -46,7 +62,7 @@ def bind_engine(args: AppArgs) -> Application:
 
 def bind_router(args: AppArgs, engine: Application) -> Application:
     return Router.options(
-        num_replicas=args.router_replicas,
+        num_replicas=router_replicas(args.router_replicas),
         ray_actor_options={"num_cpus": args.router_cpus},
         # Serve's default of 5 collapses throughput under concurrent callers; the router
         # only awaits replicas, so it can hold many requests at once.

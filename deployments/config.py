@@ -45,7 +45,7 @@ class AppArgs(BaseModel):
     replicas: int = Field(default=2, ge=1)
     gpus_per_replica: Literal["auto"] | float = "auto"
     cpus_per_replica: float = Field(default=0.5, ge=0)
-    router_replicas: int = Field(default=1, ge=1)
+    router_replicas: Literal["auto"] | int = "auto"
     router_cpus: float = Field(default=0.25, ge=0)
     max_batch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -73,6 +73,13 @@ class AppArgs(BaseModel):
     def _known_backend(cls, value: str) -> str:
         if value not in BACKENDS:
             raise ValueError(f"unknown backend '{value}'; choose one of {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("router_replicas")
+    @classmethod
+    def _routers(cls, value: str | int) -> str | int:
+        if value != "auto" and int(value) < 1:
+            raise ValueError("router_replicas must be 'auto' or a number >= 1")
         return value
 
     @field_validator("gpus_per_replica")
