@@ -1,11 +1,13 @@
 """The attempt loop: one validated request, tried on one replica after another within one
-deadline.
+deadline, alone or in a dynamic batch.
 
 Each attempt picks its replica with ``choose_replica`` (so even an attempt that times out
 knows whom to blame), sends with ``dispatch`` (telling the replica the attempt's time and the
-local retries it may spend) and awaits the answer inside the selection block. What to do
-after each failure is decided by ``policy.RequestRetries``; this module only acts: it waits,
-cancels an abandoned attempt, and remembers queries of death.
+local retries it may spend) and awaits the answer inside the selection block. A batch
+(``batcher.py``) is one attempt for all its requests; after it fails, each request goes on as
+its own (``_after_batch_failure``). What to do after each failure is decided by
+``policy.RequestRetries``; this module only acts: it waits, cancels an abandoned attempt,
+splits a batch, and remembers queries of death.
 """
 
 from __future__ import annotations
@@ -46,12 +48,12 @@ class AttemptLoop:
         self.budget = RetryBudget.for_policy(self.policy)
         self.ejections = Ejections()
         self.poisoned = PoisonedInputs()
+        self._batchers: dict[str, Batcher] = {}
         self.attempts = Counter(
             "trtserve_attempts",
             description="Attempts to run a request on a replica, by model and outcome.",
             tag_keys=("model", "outcome"),
         )
-        self._batchers: dict[str, Batcher] = {}
         self.requests = Counter(
             "trtserve_requests",
             description="Requests answered by the router, by model and outcome.",
