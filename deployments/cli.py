@@ -27,8 +27,8 @@ from .protocol import (
     HEADER_LENGTH,
     TIMEOUT_HEADER,
     TRAIL_HEADER,
+    encode_infer_request,
     parse_header_length,
-    to_datatype,
     to_numpy_dtype,
 )
 
@@ -201,33 +201,6 @@ def _random_input(name: str, datatype: str, shape: list[int], batch: int,
     raise ValueError(f"input '{name}' is {datatype}: give it with --input {name}=FILE.npy")
 
 
-def _infer_body(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
-    described: list[dict[str, object]] = []
-    chunks: list[bytes] = []
-    for name, array in inputs.items():
-        datatype = to_datatype(array.dtype)
-        if datatype == "BYTES":
-            raise ValueError(f"input '{name}': BYTES tensors are not supported by this client")
-        entry: dict[str, object] = {"name": name, "datatype": datatype,
-                                    "shape": list(array.shape)}
-        # FP16 has no JSON form in the protocol, so it goes binary whatever was asked.
-        if binary or datatype == "FP16":
-            chunk = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            entry["data"] = array.ravel().tolist()
-        described.append(entry)
-    doc: dict[str, object] = {"inputs": described}
-    if binary:
-        doc["parameters"] = {"binary_data_output": True}
-    header = json.dumps(doc).encode("utf-8")
-    if not chunks:
-        return header, {"Content-Type": "application/json"}
-    return b"".join([header, *chunks]), {"Content-Type": "application/octet-stream",
-                                         HEADER_LENGTH: str(len(header))}
-
-
 def _print_trail(raw: str | None) -> None:
     for n, attempt in enumerate(json.loads(raw) if raw else [], 1):
         where = f" on replica {attempt['replica']}" if attempt.get("replica") else ""
@@ -257,7 +230,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             else _random_input(name, t["datatype"], t["shape"], args.batch, rng))
         # Tensors the model does not take still go out: the server says what is wrong.
         inputs.update(given)
-        body, headers = _infer_body(inputs, args.binary)
+        body, headers = encode_infer_request(inputs, args.binary)
         if args.timeout is not None:
             headers[TIMEOUT_HEADER] = str(args.timeout)
         payload, reply_headers = _http(f"{base}/infer", body, headers, wait_s)
