@@ -82,7 +82,8 @@ class FastpathSetup:
     seed: int = 0
 
 
-FULL = FastpathSetup(concurrency=(1, 16, 64, 256), seconds=10.0, warmup_s=2.0,
+# 8 s per point keeps the whole sweep (28 points, 5+ kills) under 10 minutes.
+FULL = FastpathSetup(concurrency=(1, 16, 64, 256), seconds=8.0, warmup_s=2.0,
                      ceiling_seconds=3.0, generators=4, breakdown_concurrency=64,
                      recovery_concurrency=64, context_requests=200, crash_requests=200,
                      crash_kills=5, recovery_limit_s=300.0)
@@ -190,7 +191,7 @@ class FastpathResult:
             "",
             "per-hop breakdown " + self.breakdown(),
             "",
-            "recovery inside batches: " + self.recovery_table(),
+            "recovery: " + self.recovery_table(),
         ])
 
 
@@ -414,7 +415,9 @@ def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathRe
     return result
 
 
-def docs_section(result: FastpathResult, machine: str, command: str) -> str:
+def docs_section(result: FastpathResult, machine: str, command: str, plots: list[str]
+                 ) -> str:
+    """A section for docs/benchmarks.md; ``plots`` are paths relative to that file."""
     return "\n".join([
         f"## Saturation: trtserve, the engine and plain Serve ({date.today().isoformat()})",
         "",
@@ -425,6 +428,8 @@ def docs_section(result: FastpathResult, machine: str, command: str) -> str:
         "```",
         result.report(),
         "```",
+        "",
+        *(f"![{Path(p).stem}]({p})" for p in plots),
         "",
     ])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import urllib.error
@@ -325,13 +326,14 @@ def cmd_bench_fastpath(args: argparse.Namespace) -> int:
     result = run_fastpath(setup, progress=lambda line: print(line, flush=True))
     print()
     print(result.report())
-    if args.plot_dir is not None:
-        for path in plot(result, args.plot_dir):
-            print(f"plot: {path}")
+    plots = plot(result, args.plot_dir) if args.plot_dir is not None else []
+    for path in plots:
+        print(f"plot: {path}")
     if args.write_docs is not None:
         command = "trtserve " + shlex.join(sys.argv[1:])
+        linked = [os.path.relpath(p, args.write_docs.parent) for p in plots]
         with args.write_docs.open("a") as docs:
-            docs.write("\n" + docs_section(result, args.machine, command))
+            docs.write("\n" + docs_section(result, args.machine, command, linked))
         print(f"appended a section to {args.write_docs}")
     return 0
 
