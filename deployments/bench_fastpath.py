@@ -435,11 +435,15 @@ def docs_section(result: FastpathResult, machine: str, command: str, plots: list
 
 
 def plot(result: FastpathResult, directory: Path) -> list[Path]:
-    """Throughput against concurrency (the ceiling as a line), and p50/p99 latency."""
-    import matplotlib
+    """Throughput against concurrency (the ceiling as a line), and p50/p99 latency; none
+    where matplotlib is not installed (the GPU machine's image may lack it)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
 
     directory.mkdir(parents=True, exist_ok=True)
     series: dict[tuple[str, str], list[tuple[int, Measurement]]] = {}

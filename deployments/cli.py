@@ -327,6 +327,8 @@ def cmd_bench_fastpath(args: argparse.Namespace) -> int:
     print()
     print(result.report())
     plots = plot(result, args.plot_dir) if args.plot_dir is not None else []
+    if args.plot_dir is not None and not plots:
+        print("no plots: matplotlib is not installed")
     for path in plots:
         print(f"plot: {path}")
     if args.write_docs is not None:
