@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from email.message import Message
 from pathlib import Path
 from urllib.parse import quote
@@ -27,8 +30,8 @@ from .protocol import (
     HEADER_LENGTH,
     TIMEOUT_HEADER,
     TRAIL_HEADER,
+    encode_infer_request,
     parse_header_length,
-    to_datatype,
     to_numpy_dtype,
 )
 
@@ -201,33 +204,6 @@ def _random_input(name: str, datatype: str, shape: list[int], batch: int,
     raise ValueError(f"input '{name}' is {datatype}: give it with --input {name}=FILE.npy")
 
 
-def _infer_body(inputs: dict[str, np.ndarray], binary: bool) -> tuple[bytes, dict[str, str]]:
-    described: list[dict[str, object]] = []
-    chunks: list[bytes] = []
-    for name, array in inputs.items():
-        datatype = to_datatype(array.dtype)
-        if datatype == "BYTES":
-            raise ValueError(f"input '{name}': BYTES tensors are not supported by this client")
-        entry: dict[str, object] = {"name": name, "datatype": datatype,
-                                    "shape": list(array.shape)}
-        # FP16 has no JSON form in the protocol, so it goes binary whatever was asked.
-        if binary or datatype == "FP16":
-            chunk = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        else:
-            entry["data"] = array.ravel().tolist()
-        described.append(entry)
-    doc: dict[str, object] = {"inputs": described}
-    if binary:
-        doc["parameters"] = {"binary_data_output": True}
-    header = json.dumps(doc).encode("utf-8")
-    if not chunks:
-        return header, {"Content-Type": "application/json"}
-    return b"".join([header, *chunks]), {"Content-Type": "application/octet-stream",
-                                         HEADER_LENGTH: str(len(header))}
-
-
 def _print_trail(raw: str | None) -> None:
     for n, attempt in enumerate(json.loads(raw) if raw else [], 1):
         where = f" on replica {attempt['replica']}" if attempt.get("replica") else ""
@@ -257,7 +233,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                             else _random_input(name, t["datatype"], t["shape"], args.batch, rng))
         # Tensors the model does not take still go out: the server says what is wrong.
         inputs.update(given)
-        body, headers = _infer_body(inputs, args.binary)
+        body, headers = encode_infer_request(inputs, args.binary)
         if args.timeout is not None:
             headers[TIMEOUT_HEADER] = str(args.timeout)
         payload, reply_headers = _http(f"{base}/infer", body, headers, wait_s)
@@ -338,6 +314,89 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_fastpath(args: argparse.Namespace) -> int:
+    from .bench_fastpath import FULL, FastpathSetup, docs_section, plot, run_fastpath
+
+    # Every flag is named after its FastpathSetup field; a flag not given keeps the preset's.
+    given = {f.name: getattr(args, f.name) for f in fields(FastpathSetup)
+             if getattr(args, f.name, None) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    given["cache_dir"] = str(args.cache_dir)
+    setup = replace(FULL if args.full else FastpathSetup(), **given)
+    result = run_fastpath(setup, progress=lambda line: print(line, flush=True))
+    print()
+    print(result.report())
+    plots = plot(result, args.plot_dir) if args.plot_dir is not None else []
+    if args.plot_dir is not None and not plots:
+        print("no plots: matplotlib is not installed")
+    for path in plots:
+        print(f"plot: {path}")
+    if args.write_docs is not None:
+        command = "trtserve " + shlex.join(sys.argv[1:])
+        linked = [os.path.relpath(p, args.write_docs.parent) for p in plots]
+        with args.write_docs.open("a") as docs:
+            docs.write("\n" + docs_section(result, args.machine, command, linked))
+        print(f"appended a section to {args.write_docs}")
+    return 0
+
+
+def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "fastpath",
+        help="saturation: trtserve (handle, HTTP binary, HTTP JSON) against the engine's "
+             "ceiling and plain Serve with @serve.batch, plus recovery inside batches",
+        description="Every flag is optional: the defaults are a reduced sweep for a small "
+                    "machine (a few minutes on 2 cores); --full is the whole one, and any "
+                    "flag given overrides either.",
+    )
+    p.add_argument("--model", default="tiny", help="built-in name or .onnx path (default: tiny)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
+    p.add_argument("--full", action="store_true",
+                   help="the full sweep: concurrency 1 16 64 256, 10 s per point, 4 generator "
+                        "processes, 200 requests per recovery fault from at least 5 kills")
+    p.add_argument("--concurrency", type=int, nargs="+", help="callers per load point "
+                   "(reduced: 1 16)")
+    p.add_argument("--seconds", type=float, help="measured per load point (reduced: 3)")
+    p.add_argument("--warmup-s", type=float, help="driven and discarded before each point "
+                   "(reduced: 1)")
+    p.add_argument("--ceiling-batch-sizes", type=int, nargs="+", help="(default: 1 8 32)")
+    p.add_argument("--ceiling-threads", type=int, nargs="+", help="(default: 1 4)")
+    p.add_argument("--ceiling-seconds", type=float, help="per ceiling configuration "
+                   "(reduced: 1)")
+    p.add_argument("--batch-size", type=int,
+                   help="batching on: trtserve's batch_size and the peer's max_batch_size "
+                        "(default: 32)")
+    p.add_argument("--max-queue-delay-us", type=int,
+                   help="both batchers' wait for a fuller batch (default: 0)")
+    p.add_argument("--preferred-batch-sizes", type=int, nargs="+", help="(default: none)")
+    p.add_argument("--replicas", type=int, help="engine replicas, and peer replicas "
+                   "(default: 2)")
+    p.add_argument("--gpus-per-replica", type=float,
+                   help="default: the cluster's GPUs shared evenly, at most 1 each")
+    p.add_argument("--generators", type=int, help="load generator processes (reduced: 2)")
+    p.add_argument("--breakdown-concurrency", type=int,
+                   help="concurrency of the per-hop breakdown (reduced: 16)")
+    p.add_argument("--recovery-concurrency", type=int, help="(reduced: 16)")
+    p.add_argument("--recovery-faults", nargs="+", choices=("context", "crash"),
+                   help="faults to recover from (default: context crash)")
+    p.add_argument("--context-requests", type=int,
+                   help="requests that meet a context fault to collect (reduced: 20)")
+    p.add_argument("--crash-requests", type=int,
+                   help="requests whose replica is killed under them to collect (reduced: 1)")
+    p.add_argument("--crash-kills", type=int, help="replica kills, at least (reduced: 1)")
+    p.add_argument("--recovery-limit-s", type=float,
+                   help="time limit per recovery fault kind (reduced: 60)")
+    p.add_argument("--seed", type=int, help="seed of the inputs (default: 0)")
+    p.add_argument("--plot-dir", type=Path, default=None,
+                   help="write fastpath-throughput.png and fastpath-latency.png here")
+    p.add_argument("--write-docs", type=Path, nargs="?", const=Path("docs/benchmarks.md"),
+                   default=None, help="append the results as a section to this file "
+                                      "(default when given bare: docs/benchmarks.md)")
+    p.add_argument("--machine", default="the development machine (2 cores, no GPU)",
+                   help="the machine, as --write-docs describes it")
+    p.set_defaults(func=cmd_bench_fastpath)
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     import ray
 
@@ -399,6 +458,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         help="e.g. 0.5 for two replicas sharing one GPU (default: 0)")
     serve_.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     serve_.set_defaults(func=cmd_bench_serve)
+    _add_bench_fastpath(kinds)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -511,6 +511,37 @@ def _bytes_from_binary(body: bytes, offset: int, size: int, name: str, count: in
     return array
 
 
+def encode_infer_request(
+    inputs: Mapping[str, np.ndarray], binary: bool
+) -> tuple[bytes, dict[str, str]]:
+    """A client's request body and headers (``trtserve infer``, the load generator): JSON
+    data, or binary tensor data with the header length when ``binary``."""
+    described: list[dict[str, object]] = []
+    chunks: list[bytes] = []
+    for name, array in inputs.items():
+        datatype = to_datatype(array.dtype)
+        if datatype == "BYTES":
+            raise ValueError(f"input '{name}': BYTES tensors are not supported by this client")
+        entry: dict[str, object] = {"name": name, "datatype": datatype,
+                                    "shape": list(array.shape)}
+        # FP16 has no JSON form in the protocol, so it goes binary whatever was asked.
+        if binary or datatype == "FP16":
+            chunk = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        else:
+            entry["data"] = array.ravel().tolist()
+        described.append(entry)
+    doc: dict[str, object] = {"inputs": described}
+    if binary:
+        doc["parameters"] = {"binary_data_output": True}
+    header = json.dumps(doc).encode("utf-8")
+    if not chunks:
+        return header, {"Content-Type": "application/json"}
+    return b"".join([header, *chunks]), {"Content-Type": "application/octet-stream",
+                                         HEADER_LENGTH: str(len(header))}
+
+
 def encode_infer_response(
     model_name: str,
     model_version: str | None,
