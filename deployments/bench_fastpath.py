@@ -6,7 +6,7 @@ Order of a run (``run_fastpath``):
 1. the ceiling (ceiling.py), in a spawned process before Ray starts;
 2. a private local Ray cluster with Serve's HTTP proxy on a free port, and the spawned load
    generator processes (loadgen.py);
-3. per batching setting (off; on where ``AppArgs`` has ``batch_size``): trtserve deployed,
+3. per batching setting (off, on): trtserve deployed,
    then every (concurrency, mode) load point; with batching off also a direct handle to
    EngineReplica for the per-hop breakdown; with the last setting the recovery runs
    (context faults, then replica kills);
@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,16 +38,12 @@ from engines.models import DEFAULT_CACHE_DIR, resolve
 
 from .app import APP_NAME, build_app
 from .ceiling import Ceiling, measure_ceiling
-from .config import AppArgs
 from .loadgen import Kind, LoadGenerator, Measurement, Target
 
 MODES: dict[str, Kind] = {"handle": "handle", "http binary": "http_binary",
                          "http json": "http_json"}
 PEER_MODE = "plain Serve, @serve.batch"
 PEER_APP = "fastpath-peer"
-# Whether this branch's AppArgs has the batcher's knobs yet (issue 9's batcher).
-HAS_BATCHING = "batch_size" in AppArgs.model_fields
-
 Progress = Callable[[str], None]
 # Both apps alike: no access log line per request (it costs every replica CPU at saturation,
 # and Triton does not log requests by default either); warnings still go to the logs.
@@ -71,6 +68,12 @@ class FastpathSetup:
     preferred_batch_sizes: tuple[int, ...] = ()
     replicas: int = 2
     gpus_per_replica: float | None = None  # None: the cluster's GPUs shared evenly
+    router_replicas: str | int = "auto"  # the app's own default
+    cuda_warmup: bool = True  # the app's own default
+    ha_proxy: bool = False  # Serve's bundled HAProxy ingress instead of its Python proxy
+    batching: tuple[str, ...] = ("off", "on")
+    modes: tuple[str, ...] = ("handle", "http binary", "http json")
+    peer: bool = True
     generators: int = 2
     breakdown_concurrency: int = 16
     recovery_concurrency: int = 16
@@ -177,12 +180,11 @@ class FastpathResult:
         return "\n".join(lines)
 
     def report(self) -> str:
-        note = ("" if HAS_BATCHING else
-                "\nbatching: this branch's AppArgs has no batch_size yet, so trtserve ran "
-                "with batching off only; the peer batches with @serve.batch.\n")
+        s = self.setup
         return "\n".join([
-            f"{self.ceiling.where}; each request one row; {self.setup.replicas} replicas",
-            note,
+            f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
+            f"router_replicas {s.router_replicas}, cuda_warmup {s.cuda_warmup}, "
+            f"ingress {'HAProxy' if s.ha_proxy else 'Serve proxy'}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
             self.ceiling.table(),
@@ -232,11 +234,11 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "models": [setup.model], "backend": setup.backend, "replicas": setup.replicas,
         "gpus_per_replica": gpus, "cpus_per_replica": 0, "router_cpus": 0,
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
+        "router_replicas": setup.router_replicas, "cuda_warmup": setup.cuda_warmup,
+        "batch_size": setup.batch_size if batching == "on" else 1,
+        "max_queue_delay_us": setup.max_queue_delay_us,
+        "preferred_batch_sizes": list(setup.preferred_batch_sizes),
     }
-    if HAS_BATCHING:
-        args["batch_size"] = setup.batch_size if batching == "on" else 1
-        args["max_queue_delay_us"] = setup.max_queue_delay_us
-        args["preferred_batch_sizes"] = list(setup.preferred_batch_sizes)
     return args
 
 
@@ -317,11 +319,12 @@ class _Run:
         s = self.setup
         for c in sorted({*s.concurrency, *([s.breakdown_concurrency] if batching == "off"
                                            else [])}):
-            for mode, kind in MODES.items():
+            for mode in s.modes:
+                kind = MODES[mode]
                 target = Target(kind, s.model, APP_NAME, self.url)
                 self.result.points[(mode, batching, c)] = self.drive(
                     target, c, f"trtserve {mode}, batching {batching}")
-        if batching == "off":
+        if batching == "off" and "handle" in s.modes:
             self.result.direct = self.drive(Target("direct", s.model, APP_NAME),
                                             s.breakdown_concurrency, "direct to EngineReplica")
 
@@ -365,11 +368,15 @@ def _ceiling(setup: FastpathSetup) -> Ceiling:
 
 
 @contextmanager
-def _local_serve() -> Iterator[str]:
-    """A private Ray cluster (never one already running here) with Serve's HTTP proxy on a
-    free port; yields the proxy's URL."""
+def _local_serve(ha_proxy: bool) -> Iterator[str]:
+    """A private Ray cluster (never one already running here) with Serve's HTTP ingress on a
+    free port; yields its URL. ``ha_proxy``: Serve's bundled HAProxy, which forwards HTTP to
+    the Router replicas' own servers instead of through the Python proxy (it must be chosen
+    before the cluster starts: Serve reads it from its processes' environment)."""
     import socket
 
+    if ha_proxy:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     # The replicas' logs stay in the session's log files: the terminal shows progress only.
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
@@ -392,12 +399,9 @@ def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathRe
              f"threads {setup.ceiling_threads}")
     ceiling = _ceiling(setup)
     progress(f"  {ceiling.where}: best {ceiling.best.describe()}")
-    batching = ["off", "on"] if HAS_BATCHING else ["off"]
-    if not HAS_BATCHING:
-        progress("  batching: AppArgs has no batch_size on this branch; trtserve runs "
-                 "with batching off only")
+    batching = list(setup.batching)
     result = FastpathResult(setup, ceiling, batching, recovery_batching=batching[-1])
-    with _local_serve() as url:
+    with _local_serve(setup.ha_proxy) as url:
         gpus = _gpus_per_replica(setup)
         address = ray.get_runtime_context().gcs_address
         with LoadGenerator(setup.generators, address) as gen:
@@ -410,8 +414,9 @@ def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathRe
                 if setting == batching[-1]:
                     result.recovery = [run.recover(f) for f in setup.recovery_faults]
                 serve.delete(APP_NAME)
-            progress(f"{PEER_MODE}: deploying")
-            run.peer(gpus)
+            if setup.peer:
+                progress(f"{PEER_MODE}: deploying")
+                run.peer(gpus)
     return result
 
 

@@ -340,6 +340,10 @@ def cmd_bench_fastpath(args: argparse.Namespace) -> int:
     return 0
 
 
+def _auto_or_int(value: str) -> str | int:
+    return value if value == "auto" else int(value)
+
+
 def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p = kinds.add_parser(
         "fastpath",
@@ -373,11 +377,23 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
                    "(default: 2)")
     p.add_argument("--gpus-per-replica", type=float,
                    help="default: the cluster's GPUs shared evenly, at most 1 each")
+    p.add_argument("--router-replicas", type=_auto_or_int,
+                   help="the app's router_replicas (default: auto, one per 4 cores)")
+    p.add_argument("--no-cuda-warmup", dest="cuda_warmup", action="store_const", const=False,
+                   help="deploy with cuda_warmup off (the first minute without the warm-up)")
+    p.add_argument("--ha-proxy", action="store_const", const=True,
+                   help="Serve's bundled HAProxy ingress instead of its Python proxy")
+    p.add_argument("--batching", nargs="+", choices=("off", "on"),
+                   help="trtserve's batching settings to run (default: off on)")
+    p.add_argument("--modes", nargs="+", choices=("handle", "http binary", "http json"),
+                   help="trtserve's paths to drive (default: all three)")
+    p.add_argument("--no-peer", dest="peer", action="store_const", const=False,
+                   help="leave out plain Serve with @serve.batch")
     p.add_argument("--generators", type=int, help="load generator processes (reduced: 2)")
     p.add_argument("--breakdown-concurrency", type=int,
                    help="concurrency of the per-hop breakdown (reduced: 16)")
     p.add_argument("--recovery-concurrency", type=int, help="(reduced: 16)")
-    p.add_argument("--recovery-faults", nargs="+", choices=("context", "crash"),
+    p.add_argument("--recovery-faults", nargs="*", choices=("context", "crash"),
                    help="faults to recover from (default: context crash)")
     p.add_argument("--context-requests", type=int,
                    help="requests that meet a context fault to collect (reduced: 20)")

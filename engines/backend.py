@@ -70,7 +70,7 @@ class LoadOptions:
     max the plan is built with (None: DEFAULT_TRT_MAX_BATCH). ``device``: the CUDA ordinal
     inside this process (Ray sets CUDA_VISIBLE_DEVICES, so a pinned replica sees its GPU as 0).
     ``threads``: ONNX Runtime's intra-op threads (None: 1 on the CUDA provider, where the GPU
-    does the work, ONNX Runtime's own default on the CPU). ``allow_spinning``: whether its
+    does the work, ONNX Runtime's own default on the CPU; 0: ONNX Runtime's own default). ``allow_spinning``: whether its
     idle threads spin (they then compete with Serve's processes for the cores).
     """
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from deployments.bench_fastpath import (
-    HAS_BATCHING,
     MODES,
     PEER_MODE,
     FastpathSetup,
@@ -28,8 +27,7 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     )
     result = run_fastpath(setup, progress=lambda _: None)
 
-    batching = ["off", "on"] if HAS_BATCHING else ["off"]
-    expected = {(m, b, c) for m in MODES for b in batching for c in (1, 4)}
+    expected = {(m, b, c) for m in MODES for b in ("off", "on") for c in (1, 4)}
     expected |= {(PEER_MODE, "on", c) for c in (1, 4)}
     assert set(result.points) == expected
     for key, m in result.points.items():
