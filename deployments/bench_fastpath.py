@@ -134,7 +134,9 @@ class FastpathResult:
         """Where one request's time goes at one concurrency, batching off: p50 of each path,
         and the difference from the path one hop shorter, named as that hop's cost."""
         c = self.setup.breakdown_concurrency
-        assert self.direct is not None
+        needed = [(mode, "off", c) for mode in MODES]
+        if self.direct is None or any(key not in self.points for key in needed):
+            return "not measured (it needs batching off and all three paths)"
         engine = self.ceiling.at_breakdown
         rows = [
             ("engine in process (one thread and context per caller)", engine.p50_ms,
@@ -165,6 +167,8 @@ class FastpathResult:
         return "\n".join(lines)
 
     def recovery_table(self) -> str:
+        if not self.recovery:
+            return "not measured"
         lines = [f"handle calls with their trail at concurrency "
                  f"{self.setup.recovery_concurrency}, batching {self.recovery_batching}",
                  "",
