@@ -1,30 +1,43 @@
 #!/bin/bash
-# One sitting on the lent GPU machine (docs/gpu.md says how to get there): the GPU tests, the
-# real CUDA fault's own words, and the benchmarks, each under a timeout so that one hang
-# cannot take the whole run. Run from the checkout after the last staged part is unpacked;
-# everything worth keeping goes under $OUT.
+# One sitting on the lent GPU machine (docs/gpu.md says how to get there), in phases that each
+# fit one device call (10 minutes): run from the checkout after the last staged part is
+# unpacked; everything worth keeping goes under $OUT.
+#
+#   bash tests/gpu_session.sh tests     the GPU tests, and the first minute with and without
+#                                       the CUDA warm-up of every batch size
+#   bash tests/gpu_session.sh bench     trtserve bench fastpath, the full sweep, on resnet50
+#   bash tests/gpu_session.sh ingress   HTTP through Serve's proxy against its HAProxy, and
+#                                       one Router against the default (auto)
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
+BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
+MACHINE="one NVIDIA H200 (16 cores), ONNX Runtime 1.31.1 CUDA provider"
 
-# What the tests assert on, printed whole: ONNX Runtime's text for the real fault.
-timeout -k 5 45 python3 -c "
-import onnxruntime as ort, engines.cuda as c
-print('onnxruntime', ort.__version__, ort.get_available_providers())
-print(c.device_info(0))
-from tests.test_gpu import break_the_device_and_report as run
-run('/tmp/trtserve-probe')
-" 2>&1 | tee "$OUT/cuda-fault-probe.txt"
-echo "probe rc=$?"
-
-timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/ 2>&1 | tee "$OUT/gpu-tests.log"
-echo "gpu tests rc=$?"
-
-timeout -k 10 250 python3 -m deployments.cli bench serve --model resnet50 --backend onnxruntime \
-  --gpus-per-replica 0.5 --callers 1 16 --requests 1000 --rounds 5 \
-  --plot "$OUT/bench-serve-gpu.png" | tee "$OUT/bench-serve-gpu.txt"
-echo "bench serve rc=$?"
-
-timeout -k 5 60 python3 -m deployments.cli bench swap --model resnet50 --backend onnxruntime \
-  --trials 50 | tee "$OUT/bench-swap-gpu.txt"
-echo "bench swap rc=$?"
+case "${1:-tests}" in
+tests)
+  nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
+  timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/ 2>&1 | tee "$OUT/gpu-tests.log"
+  echo "gpu tests rc=$?"
+  # The first minute after a deploy, 64 callers, batching on: each new batch size pays
+  # cuDNN's algorithm search unless the replica warmed it up.
+  for warm in "" "--no-cuda-warmup"; do
+    timeout -k 10 150 $BENCH --concurrency 64 --seconds 60 --warmup-s 0 --batching on \
+      --modes handle --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+      --ceiling-threads 4 --ceiling-seconds 2 $warm 2>&1 | tee -a "$OUT/first-minute.txt"
+    echo "first minute $warm rc=$?"
+  done
+  ;;
+bench)
+  timeout -k 10 570 $BENCH --full --seconds 6 --plot-dir "$OUT" --write-docs "$OUT/benchmarks.md" \
+    --machine "$MACHINE" 2>&1 | tee "$OUT/fastpath-gpu.txt"
+  echo "bench rc=$?"
+  ;;
+ingress)
+  for variant in "--ha-proxy" "--router-replicas 1"; do
+    timeout -k 10 270 $BENCH --concurrency 64 256 --seconds 6 --batching on \
+      --modes handle "http binary" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+      --ceiling-threads 4 --ceiling-seconds 2 $variant 2>&1 | tee -a "$OUT/ingress.txt"
+    echo "variant $variant rc=$?"
+  done
+  ;;
+esac
