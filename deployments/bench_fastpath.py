@@ -69,7 +69,7 @@ class FastpathSetup:
     replicas: int = 2
     gpus_per_replica: float | None = None  # None: the cluster's GPUs shared evenly
     router_replicas: str | int = "auto"  # the app's own default
-    cuda_warmup: bool = True  # the app's own default
+    cuda_batch_buckets: bool = True  # the app's own default
     ha_proxy: bool = False  # Serve's bundled HAProxy ingress instead of its Python proxy
     batching: tuple[str, ...] = ("off", "on")
     modes: tuple[str, ...] = ("handle", "http binary", "http json")
@@ -187,7 +187,7 @@ class FastpathResult:
         s = self.setup
         return "\n".join([
             f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
-            f"router_replicas {s.router_replicas}, cuda_warmup {s.cuda_warmup}, "
+            f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
             f"ingress {'HAProxy' if s.ha_proxy else 'Serve proxy'}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
@@ -238,7 +238,7 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "models": [setup.model], "backend": setup.backend, "replicas": setup.replicas,
         "gpus_per_replica": gpus, "cpus_per_replica": 0, "router_cpus": 0,
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
-        "router_replicas": setup.router_replicas, "cuda_warmup": setup.cuda_warmup,
+        "router_replicas": setup.router_replicas, "cuda_batch_buckets": setup.cuda_batch_buckets,
         "batch_size": setup.batch_size if batching == "on" else 1,
         "max_queue_delay_us": setup.max_queue_delay_us,
         "preferred_batch_sizes": list(setup.preferred_batch_sizes),

@@ -379,8 +379,9 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
                    help="default: the cluster's GPUs shared evenly, at most 1 each")
     p.add_argument("--router-replicas", type=_auto_or_int,
                    help="the app's router_replicas (default: auto, one per 4 cores)")
-    p.add_argument("--no-cuda-warmup", dest="cuda_warmup", action="store_const", const=False,
-                   help="deploy with cuda_warmup off (the first minute without the warm-up)")
+    p.add_argument("--no-cuda-buckets", dest="cuda_batch_buckets", action="store_const",
+                   const=False, help="deploy with cuda_batch_buckets off: one session per "
+                   "model sees every batch size")
     p.add_argument("--ha-proxy", action="store_const", const=True,
                    help="Serve's bundled HAProxy ingress instead of its Python proxy")
     p.add_argument("--batching", nargs="+", choices=("off", "on"),

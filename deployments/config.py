@@ -53,7 +53,7 @@ class AppArgs(BaseModel):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
     ort_threads: int | None = Field(default=None, ge=1)
     ort_allow_spinning: bool = False
-    cuda_warmup: bool = True
+    cuda_batch_buckets: bool = True
     pool_size: int = Field(default=4, ge=1)
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)
@@ -125,7 +125,7 @@ class AppArgs(BaseModel):
             "health_check_period_s": self.health_check_period_s,
             "ort_threads": self.ort_threads,
             "ort_allow_spinning": self.ort_allow_spinning,
-            "cuda_warmup": self.cuda_warmup,
+            "cuda_batch_buckets": self.cuda_batch_buckets,
         }
 
     def engine_user_config(self) -> dict[str, Any]:

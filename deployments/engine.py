@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from engines.backend import Context, Engine, LoadOptions, load_engine
-from engines.cuda import device_info
+from engines.cuda import device_info, visible_device_count
 from engines.errors import DeadlineExceeded, DeviceFailure, ReplicaFailure, UnknownModel
 from engines.faults import Fault, FaultInjector, FaultyEngine
 from engines.models import resolve
@@ -57,20 +57,20 @@ def device_report() -> dict[str, Any]:
     }
 
 
-def warm_up(engine: Engine, context: Context, batch_size: int) -> None:
-    """Run every batch size the Router's batcher can form once, before any request: ONNX
-    Runtime's CUDA provider searches cuDNN's algorithms again for each new input shape
-    (``cudnn_conv_algo_search`` EXHAUSTIVE), which would otherwise stall live traffic. The
-    CPU provider has no such search, so replicas there start without it."""
-    limit = batch_size if engine.spec.max_batch is None else min(batch_size, engine.spec.max_batch)
-    if not all(t.batched for t in engine.spec.inputs):
-        limit = 1  # not batched by the Router: its one shape is the example's
+def batch_buckets(batch_size: int) -> tuple[int, ...]:
+    """The batch sizes that get a session each: powers of two up to ``batch_size``, and it."""
+    sizes = {1 << k for k in range(batch_size.bit_length()) if 1 << k <= batch_size}
+    return tuple(sorted(sizes | {batch_size}))
+
+
+def warm_up(engine: Engine, context: Context, buckets: tuple[int, ...]) -> None:
+    """Run each bucket's session once before any request: a session's first run of a shape
+    pays cuDNN's algorithm search (hundreds of ms on the CUDA provider)."""
     started = time.perf_counter()
     one = example_inputs(engine.spec)
-    context.execute(one)
-    for rows in range(2, limit + 1):
+    for rows in buckets:
         context.execute({name: np.repeat(value, rows, axis=0) for name, value in one.items()})
-    log.info("%s: warmed batch sizes 1..%d on %s in %.1f s", engine.name, limit, engine.device,
+    log.info("%s: warmed batch buckets %s on %s in %.1f s", engine.name, buckets, engine.device,
              time.perf_counter() - started)
 
 
@@ -100,10 +100,16 @@ class ReplicaCore:
                         f"{entry['model']}); rename one file"
                     )
                 origins[source.name] = entry["model"]
+                # ONNX Runtime's CUDA provider is slow whenever a session's input shape
+                # changes: each batch bucket gets a session of its own (LoadOptions).
+                buckets = (batch_buckets(int(entry.get("batch_size", 1)))
+                           if config["cuda_batch_buckets"] and visible_device_count() > 0
+                           else ())
                 options = LoadOptions(
                     max_batch=entry.get("max_batch"), cache_dir=cache_dir,
                     threads=config["ort_threads"],
                     allow_spinning=config["ort_allow_spinning"],
+                    batch_buckets=buckets,
                 )
                 engine = load_engine(source, config["backend"], options)
                 self.runners[source.name] = ModelRunner(
@@ -121,9 +127,8 @@ class ReplicaCore:
                 # The canary runs on the real engine, beside the pool: armed request faults
                 # stay for requests, while a broken device still shows.
                 self._canaries[source.name] = engine.create_context(0)
-                if engine.device.startswith("cuda") and config["cuda_warmup"]:
-                    warm_up(engine, self._canaries[source.name],
-                            self.batching[source.name].get("batch_size", 1))
+                if buckets and engine.device.startswith("cuda"):
+                    warm_up(engine, self._canaries[source.name], buckets)
         except BaseException:
             self.close()
             raise

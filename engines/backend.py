@@ -70,8 +70,13 @@ class LoadOptions:
     max the plan is built with (None: DEFAULT_TRT_MAX_BATCH). ``device``: the CUDA ordinal
     inside this process (Ray sets CUDA_VISIBLE_DEVICES, so a pinned replica sees its GPU as 0).
     ``threads``: ONNX Runtime's intra-op threads (None: 1 on the CUDA provider, where the GPU
-    does the work, ONNX Runtime's own default on the CPU; 0: ONNX Runtime's own default). ``allow_spinning``: whether its
-    idle threads spin (they then compete with Serve's processes for the cores).
+    does the work, ONNX Runtime's own default on the CPU; 0: ONNX Runtime's own default).
+    ``allow_spinning``: whether its idle threads spin (they then compete with Serve's processes
+    for the cores). ``batch_buckets`` (ONNX Runtime): batch sizes that each get a session of
+    their own; a batch runs on the smallest that holds it, padded with zero rows (larger ones
+    on the general session). Measured on an H200 (docs/benchmarks.md): the CUDA provider pays
+    150-700 ms each time a session's input shape changes between runs, warmed or not, while a
+    session that keeps one shape runs ResNet-50 at 6,300 img/s.
     """
 
     max_batch: int | None = None
@@ -79,6 +84,7 @@ class LoadOptions:
     cache_dir: Path = DEFAULT_CACHE_DIR
     threads: int | None = None
     allow_spinning: bool = False
+    batch_buckets: tuple[int, ...] = ()
 
 
 Loader = Callable[[ModelSource, LoadOptions], Engine]

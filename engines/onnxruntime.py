@@ -86,31 +86,37 @@ def session_options(options: LoadOptions, use_cuda: bool) -> ort.SessionOptions:
 
 
 class OnnxRuntimeContext:
-    """An IOBinding and RunOptions on the shared session: one request at a time."""
+    """An IOBinding per session and one RunOptions on the engine: one request at a time."""
 
     def __init__(self, engine: OnnxRuntimeEngine, generation: int) -> None:
         self.engine = engine
         self.generation = generation
-        self._binding: Any = engine.session.io_binding()
+        self._bindings: dict[int, Any] | None = {
+            rows: session.io_binding() for rows, session in engine.sessions.items()
+        }
         self._run_options: Any = ort.RunOptions()
         self._run_options.logid = f"{engine.name}-ctx{generation}"
 
     def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._binding is None:
+        if self._bindings is None:
             raise ContextFailure(f"{self.engine.name}: context {self.generation} is closed")
-        binding = self._binding
         what = f"{self.engine.name} (context {self.generation})"
+        rows = _rows(inputs)
+        bucket = self.engine.bucket_for(rows)
+        binding = self._bindings[bucket]
         try:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             for name, value in inputs.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, _padded(np.ascontiguousarray(value), bucket))
             for name in self.engine.spec.output_names:
                 binding.bind_output(name, self.engine.ort_device, self.engine.device_id)
-            self.engine.session.run_with_iobinding(binding, self._run_options)
+            self.engine.sessions[bucket].run_with_iobinding(binding, self._run_options)
             values = binding.copy_outputs_to_cpu()
         except Exception as exc:  # every ORT failure becomes a taxonomy error
             raise map_error(exc, what) from exc
+        if bucket != ANY_ROWS and bucket != rows:
+            values = [v[:rows] for v in values]
         return dict(zip(self.engine.spec.output_names, values, strict=True))
 
     def cancel(self) -> None:
@@ -118,7 +124,25 @@ class OnnxRuntimeContext:
         self._run_options.terminate = True
 
     def close(self) -> None:
-        self._binding = None
+        self._bindings = None
+
+
+ANY_ROWS = 0  # the session that takes any batch size
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim > 0 else ANY_ROWS
+
+
+def _padded(value: np.ndarray, bucket: int) -> np.ndarray:
+    """``value`` with zero rows appended up to ``bucket`` rows (they are computed, then
+    dropped)."""
+    if bucket == ANY_ROWS or value.shape[0] == bucket:
+        return value
+    out = np.zeros((bucket, *value.shape[1:]), value.dtype)
+    out[: value.shape[0]] = value
+    return out
 
 
 class OnnxRuntimeEngine:
@@ -140,6 +164,20 @@ class OnnxRuntimeEngine:
             self.session = ort.InferenceSession(
                 str(source.path), session_options(options, use_cuda), providers=providers
             )
+            self.spec = spec_of(self.session, source.name, options.max_batch)
+            # One session per batch bucket, each only ever seeing one shape (LoadOptions says
+            # why); only where every input has a batch dimension to pad.
+            buckets = sorted(set(options.batch_buckets))
+            if not all(t.batched for t in self.spec.inputs):
+                buckets = []
+            self.sessions = {ANY_ROWS: self.session} | {
+                rows: ort.InferenceSession(
+                    str(source.path), session_options(options, use_cuda), providers=providers
+                )
+                for rows in buckets
+            }
+        except EngineLoadFailure:
+            raise
         except Exception as exc:
             raise EngineLoadFailure(
                 f"ONNX Runtime cannot load model '{source.name}' from {source.path}: {exc}"
@@ -148,14 +186,20 @@ class OnnxRuntimeEngine:
         self.ort_device = "cuda" if on_cuda else "cpu"
         self.device_id = options.device if on_cuda else 0
         self.device = f"cuda:{options.device}" if on_cuda else "cpu"
-        self.spec = spec_of(self.session, source.name, options.max_batch)
+
+    def bucket_for(self, rows: int) -> int:
+        """The smallest bucket that holds ``rows``, else the session for any size."""
+        if rows == ANY_ROWS:
+            return ANY_ROWS
+        return next((b for b in self.sessions if b >= rows and b != ANY_ROWS), ANY_ROWS)
 
     def create_context(self, generation: int) -> OnnxRuntimeContext:
         return OnnxRuntimeContext(self, generation)
 
     def close(self) -> None:
-        # The session frees its memory when the last reference goes; contexts hold one.
+        # A session frees its memory when the last reference goes; contexts hold one.
         self.session = None  # type: ignore[assignment]
+        self.sessions = {}
 
 
 def load(source: ModelSource, options: LoadOptions) -> OnnxRuntimeEngine:

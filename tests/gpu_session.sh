@@ -18,9 +18,9 @@ tests)
   nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
   timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/ 2>&1 | tee "$OUT/gpu-tests.log"
   echo "gpu tests rc=$?"
-  # The first minute after a deploy, 64 callers, batching on: each new batch size pays
-  # cuDNN's algorithm search unless the replica warmed it up.
-  for warm in "" "--no-cuda-warmup"; do
+  # The first minute after a deploy, 64 callers, batching on: with one session per batch
+  # bucket, and with one session that sees every batch size.
+  for warm in "" "--no-cuda-buckets"; do
     timeout -k 10 150 $BENCH --concurrency 64 --seconds 60 --warmup-s 0 --batching on \
       --modes handle --no-peer --recovery-faults --ceiling-batch-sizes 32 \
       --ceiling-threads 4 --ceiling-seconds 2 $warm 2>&1 | tee -a "$OUT/first-minute.txt"

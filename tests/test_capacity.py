@@ -178,7 +178,7 @@ def core(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Re
     config = {"models": [{"model": "tiny"}, {"model": str(second)}], "backend": "onnxruntime",
               "pool_size": 2, "spares": 0, "cache_dir": str(cache_dir),
               "health_check_period_s": 1.0, "ort_threads": None, "ort_allow_spinning": False,
-              "cuda_warmup": True}
+              "cuda_batch_buckets": True}
     made = ReplicaCore(config, "r1")
     yield made
     made.close()
