@@ -157,6 +157,7 @@ class ReplicaCore:
         local_retries: int,
         deadline: float | None = None,
         call: Call | None = None,
+        since: float | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         with self._lock:
             self.requests_seen += 1
@@ -164,7 +165,7 @@ class ReplicaCore:
         self.refuse_if_broken()
         try:
             outputs, trail = runner.infer(
-                inputs, local_retries=local_retries, deadline=deadline, call=call
+                inputs, local_retries=local_retries, deadline=deadline, call=call, since=since
             )
         except DeviceFailure as failure:
             self.poison(failure)
@@ -311,7 +312,7 @@ class EngineReplica:
         call = Call()
         run = functools.partial(
             self.core.infer, model, inputs, local_retries=local_retries, deadline=deadline,
-            call=call,
+            call=call, since=time.perf_counter(),
         )
         try:
             self.core.refuse_if_broken()
