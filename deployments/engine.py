@@ -33,6 +33,7 @@ from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
 from .config import cache_path
+from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
 from .routing import AvoidFailedReplicasRouter
 
@@ -284,6 +285,7 @@ class EngineReplica:
         )
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
         self._exiting = False
+        self.metrics = ReplicaMetrics(self.core.runners, device_report())
         log.info("EngineReplica %s ready: %s", self.replica_id, device_report())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -349,6 +351,7 @@ class EngineReplica:
     async def check_health(self) -> None:
         # Its own thread: a canary must not queue behind requests and miss Serve's timeout.
         loop = asyncio.get_running_loop()
+        self.metrics.export({name: r.pool for name, r in self.core.runners.items()})
         try:
             await loop.run_in_executor(self._canary_thread, self.core.check_health)
         except DeviceFailure:
