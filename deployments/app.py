@@ -57,6 +57,7 @@ def bind_engine(args: AppArgs) -> Application:
         max_queued_requests=args.engine_max_queued_requests,
         health_check_period_s=args.health_check_period_s,
         user_config=args.engine_user_config(),
+        logging_config={"enable_access_log": args.access_log},
     ).bind(args.engine_config())
 
 
@@ -70,6 +71,7 @@ def bind_router(args: AppArgs, engine: Application) -> Application:
         # Over this, Serve's proxy answers 503 itself (a plain-text body; docs/protocol.md).
         max_queued_requests=args.router_max_queued_requests,
         user_config=args.router_user_config(),
+        logging_config={"enable_access_log": args.access_log},
     ).bind(engine)
 
 

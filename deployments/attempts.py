@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
-from ray.serve.metrics import Counter
 
 from engines.errors import PoisonInput, ReplicaFailure, TrtServeError
 from engines.runner import Attempt
 
+from . import metrics
 from .batcher import Batcher, Pending, concatenate, own_request, split
 from .catalogue import ModelInfo
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
@@ -48,17 +48,8 @@ class AttemptLoop:
         self.budget = RetryBudget.for_policy(self.policy)
         self.ejections = Ejections()
         self.poisoned = PoisonedInputs()
+        self.metrics = metrics.RouterMetrics()
         self._batchers: dict[str, Batcher] = {}
-        self.attempts = Counter(
-            "trtserve_attempts",
-            description="Attempts to run a request on a replica, by model and outcome.",
-            tag_keys=("model", "outcome"),
-        )
-        self.requests = Counter(
-            "trtserve_requests",
-            description="Requests answered by the router, by model and outcome.",
-            tag_keys=("model", "outcome"),
-        )
 
     def reconfigure(self, policy: RetryPolicy) -> None:
         if (policy.budget_ratio, policy.budget_window_s, policy.budget_min_per_s) != (
@@ -70,23 +61,32 @@ class AttemptLoop:
         self.policy = policy
 
     async def run(
-        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None
+        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None,
+        request_id: str | None = None,
     ) -> tuple[Outputs, Trail]:
-        """Outputs and the trail; raises a taxonomy error carrying the trail otherwise."""
-        label = "ok"
+        """Outputs and the trail; raises a taxonomy error carrying the trail otherwise.
+        ``request_id``: the protocol's ``id``, when the client sent one (for the log)."""
+        req = metrics.Request(info.name, info.version, metrics.rows(inputs),
+                              metrics.request_id(request_id))
+        self.metrics.started(req)
+        label, error, trail = "ok", None, []
         try:
-            return await self._run(info, inputs, timeout)
+            outputs, trail = await self._run(info, inputs, timeout, req)
+            return outputs, trail
         except BaseException as exc:
             label = "cancelled" if isinstance(exc, asyncio.CancelledError) else outcome(exc)
+            error, trail = exc, getattr(exc, "trail", [])
             raise
         finally:
-            self.requests.inc(tags={"model": info.name, "outcome": label})
+            self.metrics.finished(req, label, error, trail)
 
     async def _run(
-        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None
+        self, info: ModelInfo, inputs: dict[str, np.ndarray], timeout: float | None,
+        req: metrics.Request,
     ) -> tuple[Outputs, Trail]:
         policy = self.policy
         if self.poisoned.refused(info.name, inputs):
+            self.metrics.refused_query_of_death(info.name)
             raise PoisonInput(
                 f"{info.name}: this request is identical to one that broke two replicas within "
                 f"the last {policy.poison_window_s:g} s; refused without running it"
@@ -97,7 +97,11 @@ class AttemptLoop:
         batcher = self._batcher(info)
         if batcher is None:
             return await self._alone(info.name, inputs, retries)
-        return await batcher.submit(Pending(inputs, deadline, retries))  # type: ignore[no-any-return]
+        pending = Pending(inputs, deadline, retries)
+        try:
+            return await batcher.submit(pending)  # type: ignore[no-any-return]
+        finally:
+            req.batch_wait_s = pending.waited_s
 
     def _batcher(self, info: ModelInfo) -> Batcher | None:
         if not info.batching.enabled:
@@ -215,12 +219,18 @@ class AttemptLoop:
         *,
         spend: bool = True,
     ) -> None:
+        ejected, went_on = self.ejections.current(), False
         try:
             retries.after_failure(failed.error, failed.replica, timed_out=failed.timed_out,
                                   died=failed.died, spend=spend)
+            went_on = True
         except PoisonInput:
             self.poisoned.add(model, inputs, self.policy.poison_window_s)
             raise
+        finally:
+            self.metrics.after_failure(
+                model, failed, went_on=went_on, budget_refused=retries.budget_refused,
+                newly_ejected=len(self.ejections.current() - ejected))
 
     @staticmethod
     def _with_router_entry(model: str, failed: FailedAttempt, started: float) -> None:
@@ -233,8 +243,8 @@ class AttemptLoop:
                                  err.message).to_dict()]
 
     def _count(self, model: str, trail: Trail) -> None:
-        for entry in trail:
-            self.attempts.inc(tags={"model": model, "outcome": entry["outcome"]})
+        """Once per attempt, however many requests of a batch share its trail."""
+        self.metrics.attempt(model, trail)
 
     async def _attempt(
         self, model: str, inputs: dict[str, np.ndarray], retries: RequestRetries

@@ -78,6 +78,12 @@ class Pending:
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop()
                                         .create_future())
     queued_at: float = field(default_factory=time.monotonic)
+    left_at: float | None = None  # when its batch left the queue
+
+    @property
+    def waited_s(self) -> float:
+        """Time spent in the batch queue (0 when it never left it)."""
+        return 0.0 if self.left_at is None else self.left_at - self.queued_at
 
     @property
     def rows(self) -> int:
@@ -181,6 +187,8 @@ class Batcher:
             queue.extendleft(reversed(batch))
             self._wake_in((self.policy.max_queue_delay_us - waited_us) / 1e6)
             return []
+        for pending in batch:
+            pending.left_at = now
         return batch
 
     def _drop_expired(self, key: Key, now: float) -> None:

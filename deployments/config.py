@@ -62,6 +62,10 @@ class AppArgs(BaseModel):
     router_max_queued_requests: int = Field(default=1024, ge=1)
     health_check_period_s: float = Field(default=2.0, gt=0)
     exit_after_device_failure_s: float = Field(default=0.5, ge=0)
+    # Serve's own line per call in the Router's and every replica's log: off, because the
+    # proxy already logs each HTTP request, metrics count them, and the Router logs one JSON
+    # line for each request that retried or failed (docs/metrics.md).
+    access_log: bool = False
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_json_body_bytes: int = Field(default=DEFAULT_MAX_JSON_BYTES, ge=1024)
     cache_dir: str = str(DEFAULT_CACHE_DIR)

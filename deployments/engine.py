@@ -33,6 +33,7 @@ from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
 from .config import cache_path
+from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
 from .routing import AvoidFailedReplicasRouter
 
@@ -162,6 +163,7 @@ class ReplicaCore:
         local_retries: int,
         deadline: float | None = None,
         call: Call | None = None,
+        since: float | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         with self._lock:
             self.requests_seen += 1
@@ -169,7 +171,7 @@ class ReplicaCore:
         self.refuse_if_broken()
         try:
             outputs, trail = runner.infer(
-                inputs, local_retries=local_retries, deadline=deadline, call=call
+                inputs, local_retries=local_retries, deadline=deadline, call=call, since=since
             )
         except DeviceFailure as failure:
             self.poison(failure)
@@ -288,6 +290,7 @@ class EngineReplica:
         )
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
         self._exiting = False
+        self.metrics = ReplicaMetrics(self.core.runners, device_report())
         log.info("EngineReplica %s ready: %s", self.replica_id, device_report())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -316,7 +319,7 @@ class EngineReplica:
         call = Call()
         run = functools.partial(
             self.core.infer, model, inputs, local_retries=local_retries, deadline=deadline,
-            call=call,
+            call=call, since=time.perf_counter(),
         )
         try:
             self.core.refuse_if_broken()
@@ -353,6 +356,7 @@ class EngineReplica:
     async def check_health(self) -> None:
         # Its own thread: a canary must not queue behind requests and miss Serve's timeout.
         loop = asyncio.get_running_loop()
+        self.metrics.export({name: r.pool for name, r in self.core.runners.items()})
         try:
             await loop.run_in_executor(self._canary_thread, self.core.check_health)
         except DeviceFailure:

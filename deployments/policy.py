@@ -244,6 +244,7 @@ class RequestRetries:
     broke_on: int = 0  # replicas that died or failed with DeviceFailure under this request
     waits: int = 0
     backpressure_since: float | None = None
+    budget_refused: bool = False  # the last failover was refused for want of retry budget
 
     def remaining_s(self, now: float | None = None) -> float:
         return self.deadline - (time.monotonic() if now is None else now)
@@ -350,6 +351,7 @@ class RequestRetries:
                 trail=self.trail,
             )
         if spend and not self.budget.try_spend():
+            self.budget_refused = True
             raise RetriesExhausted(
                 f"{self.model}: retry budget spent (at most {self.policy.budget_ratio:.0%} "
                 f"of requests + {self.policy.budget_min_per_s:g}/s over "

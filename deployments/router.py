@@ -87,19 +87,20 @@ class Router:
         try:
             info = await self.catalogue.model(model, version)
             body = await read_body(request, self.max_body_bytes, self.max_json_body_bytes)
-            decoded = await self.codec.decode(
-                body, request.headers, info.spec, self.max_body_bytes, self.max_json_body_bytes
-            )
+            with self.attempts.metrics.codec(info.name, info.version, "input"):
+                decoded = await self.codec.decode(body, request.headers, info.spec,
+                                                  self.max_body_bytes, self.max_json_body_bytes)
             timeout = timeout_s(request.headers.get(protocol.TIMEOUT_HEADER), decoded.timeout_s)
-            outputs, trail = await self.attempts.run(info, decoded.inputs, timeout)
-            payload, headers = await self.codec.encode(
-                info.name,
-                info.version,
-                decoded.id,
-                outputs,
-                requested=decoded.outputs,
-                binary_data_output=decoded.binary_data_output,
-            )
+            outputs, trail = await self.attempts.run(info, decoded.inputs, timeout, decoded.id)
+            with self.attempts.metrics.codec(info.name, info.version, "output"):
+                payload, headers = await self.codec.encode(
+                    info.name,
+                    info.version,
+                    decoded.id,
+                    outputs,
+                    requested=decoded.outputs,
+                    binary_data_output=decoded.binary_data_output,
+                )
         except TrtServeError as err:
             return error_response(err, self.attempts.policy.backpressure_wait_s)
         headers[protocol.TRAIL_HEADER] = json.dumps(trail)

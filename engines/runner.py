@@ -52,6 +52,7 @@ class Attempt:
     generation: int | None = None
     message: str = ""
     batch: int | None = None  # rows executed together (a dynamic batch, or the request's own)
+    queue_ms: float | None = None  # of ``ms``, waiting (for the replica's limit, a context)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
@@ -125,27 +126,30 @@ class ModelRunner:
         local_retries: int,
         deadline: float | None = None,
         call: Call | None = None,
+        since: float | None = None,
     ) -> tuple[dict[str, np.ndarray], list[Attempt]]:
         """Outputs and the attempt trail. Raises a taxonomy error carrying the trail.
 
         ``deadline`` is a time.monotonic() value bounding the wait for a context; ``call``
-        lets another thread abandon the request."""
+        lets another thread abandon the request; ``since`` (time.perf_counter()) is when the
+        request reached the replica, so the first try's time includes its wait there."""
         if local_retries < 0:
             raise ValueError(f"local_retries must be >= 0, got {local_retries}")
         call = call or Call()
         rows = _rows(inputs)
         trail: list[Attempt] = []
         for _ in range(local_retries + 1):
-            started = time.perf_counter()
+            started, since = since or time.perf_counter(), None
             try:
                 context = self._acquire(deadline, call)
             except TrtServeError as exc:
                 trail.append(self._attempt(exc, started, None, None))
                 raise self._with_trail(exc, trail) from None
+            queued = _ms(started)
             try:
                 outputs = self._execute(context, inputs, call)
             except ContextFailure as exc:
-                trail.append(self._attempt(exc, started, context.generation, rows))
+                trail.append(self._attempt(exc, started, context.generation, rows, queued))
                 if call.cancelled:
                     raise self._with_trail(_abandoned(self.name), trail) from None
                 # Out of memory gets fewer local tries: past those, another replica's memory.
@@ -155,11 +159,11 @@ class ModelRunner:
                     raise self._with_trail(exc, trail) from None
                 continue
             except TrtServeError as exc:
-                trail.append(self._attempt(exc, started, context.generation, rows))
+                trail.append(self._attempt(exc, started, context.generation, rows, queued))
                 raise self._with_trail(exc, trail) from None
             trail.append(
                 Attempt(self.name, "ok", _ms(started), self.replica, context.generation,
-                        batch=rows)
+                        batch=rows, queue_ms=queued)
             )
             return outputs, trail
         raise ContextFailure(
@@ -214,11 +218,12 @@ class ModelRunner:
                 self.pool.replace(context)
 
     def _attempt(
-        self, exc: TrtServeError, started: float, generation: int | None, rows: int | None
+        self, exc: TrtServeError, started: float, generation: int | None, rows: int | None,
+        queued: float | None = None,
     ) -> Attempt:
         return Attempt(
             self.name, type(exc).__name__, _ms(started), self.replica, generation, exc.message,
-            rows,
+            rows, queued,
         )
 
     def _with_trail(self, exc: TrtServeError, trail: list[Attempt]) -> TrtServeError:

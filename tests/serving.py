@@ -28,10 +28,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_serve(num_gpus: int = 0) -> Iterator[int]:
-    """A Ray cluster of this process's own with Serve's HTTP proxy on a free port."""
+def local_serve(num_gpus: int = 0, dashboard_port: int | None = None) -> Iterator[int]:
+    """A Ray cluster of this process's own with Serve's HTTP proxy on a free port; with a
+    dashboard (which the ``serve`` CLI talks to) when given its port."""
     # address="local": never attach to another cluster running on this machine.
-    ray.init(address="local", num_cpus=4, num_gpus=num_gpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=num_gpus,
+             include_dashboard=dashboard_port is not None,
+             dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
