@@ -139,7 +139,7 @@ def test_a_real_illegal_address_poisons_the_process(cache_dir: Path) -> None:
     faulted = report["faulted"]
     assert faulted["error"] == "DeviceFailure", shown
     # The backend's own mapping of ONNX Runtime's own text, which carries CUDA's code.
-    assert "sticky CUDA error 700" in faulted["message"], shown
+    assert "CUDA error 700 (cudaErrorIllegalAddress), which is sticky" in faulted["message"], shown
     assert [a["outcome"] for a in faulted["trail"]] == ["DeviceFailure"], shown
     later = report["later"]
     assert later["error"] == "DeviceFailure" and later["ms"] < 50, shown  # poisoned: no GPU call
@@ -180,7 +180,9 @@ def test_a_real_cuda_fault_under_load_loses_no_request(
         assert not isinstance(result, BaseException), repr(result)
         outputs, trail = result
         want = models.tiny_reference(inputs["x"])["probs"]
-        np.testing.assert_allclose(outputs["probs"], want, rtol=1e-3, atol=1e-5)
+        # TF32's tolerance (test_onnxruntime_runs_tiny_on_the_cuda_provider): the load's inputs
+        # are random now, not ones, and a row is off by up to 1.2e-3 relative.
+        np.testing.assert_allclose(outputs["probs"], want, rtol=1e-2, atol=1e-4)
         trails.append(trail)
     failed = [t for t in trails if any(a["outcome"] != "ok" for a in t)]
     assert failed, "no request ever reached the broken replica"
