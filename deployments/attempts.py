@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -130,7 +130,7 @@ class AttemptLoop:
                 await asyncio.sleep(retries.after_backpressure())
                 continue
             except FailedAttempt as failed:
-                self._with_router_entry(model, failed, started)
+                self._with_router_entry(model, failed, started, metrics.rows(inputs))
                 self._count(model, failed.error.trail)
                 self._after_failure(model, inputs, retries, failed)
                 continue
@@ -144,8 +144,10 @@ class AttemptLoop:
         that causes it fails), any other failure sends each request on alone, with its own
         deadline and retries, the failed replica excluded."""
         batch = [p for p in batch if not p.future.done()]
-        if not batch:
-            return
+        if batch:
+            await _while_wanted(batch, self._batch_attempts(model, batch))
+
+    async def _batch_attempts(self, model: str, batch: list[Pending]) -> None:
         if len(batch) == 1:
             await _settle(batch[0], self._alone(model, batch[0].inputs, batch[0].payload))
             return
@@ -168,7 +170,7 @@ class AttemptLoop:
                     return
                 continue
             except FailedAttempt as failed:
-                self._with_router_entry(model, failed, started)
+                self._with_router_entry(model, failed, started, metrics.rows(inputs))
                 self._count(model, failed.error.trail)
                 await self._after_batch_failure(model, batch, failed)
                 return
@@ -195,7 +197,7 @@ class AttemptLoop:
                                  own_request(self._batch(model, batch[half:])))
             return
         going_on = []
-        for i, pending in enumerate(batch):
+        for i, pending in enumerate(p for p in batch if not p.future.done()):
             own = FailedAttempt(_copy(err), failed.replica, failed.timed_out, failed.died)
             try:
                 # One failover of a batch spends one unit of retry budget, as one request would.
@@ -208,7 +210,10 @@ class AttemptLoop:
         await asyncio.gather(*(own_request(self._go_alone(model, p)) for p in going_on))
 
     async def _go_alone(self, model: str, pending: Pending) -> None:
-        await _settle(pending, self._alone(model, pending.inputs, pending.payload))
+        if not pending.future.done():
+            await _while_wanted(
+                [pending], _settle(pending, self._alone(model, pending.inputs, pending.payload))
+            )
 
     def _after_failure(
         self,
@@ -233,14 +238,14 @@ class AttemptLoop:
                 newly_ejected=len(self.ejections.current() - ejected))
 
     @staticmethod
-    def _with_router_entry(model: str, failed: FailedAttempt, started: float) -> None:
+    def _with_router_entry(model: str, failed: FailedAttempt, started: float, rows: int) -> None:
         """A failure the replica did not describe (a death, a timeout) gets the Router's own
-        trail entry."""
+        trail entry; ``rows``: those sent together in the attempt."""
         err = failed.error
         if not err.trail:
             ms = round((time.perf_counter() - started) * 1000.0, 3)
             err.trail = [Attempt(model, type(err).__name__, ms, failed.replica, None,
-                                 err.message).to_dict()]
+                                 err.message, rows).to_dict()]
 
     def _count(self, model: str, trail: Trail) -> None:
         """Once per attempt, however many requests of a batch share its trail."""
@@ -301,6 +306,29 @@ def _fail(batch: list[Pending], error: TrtServeError) -> None:
     for pending in batch:
         if not pending.future.done():
             pending.future.set_exception(_copy(error))
+
+
+async def _while_wanted(batch: list[Pending], work: Coroutine[Any, Any, None]) -> None:
+    """``work`` for ``batch``'s requests, stopped (its attempt cancelled in the replica) once
+    every one of their callers has gone: nobody is left to answer, so nothing may run on, be
+    retried or be failed over for them."""
+    task = asyncio.ensure_future(work)
+
+    def stop_if_unwanted(_: asyncio.Future[Any]) -> None:
+        if all(p.future.cancelled() for p in batch):
+            task.cancel()
+
+    for pending in batch:
+        pending.future.add_done_callback(stop_if_unwanted)
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not task.cancelled() or (current is not None and current.cancelling()):
+            raise  # the Router itself is stopping, not the callers
+    finally:
+        for pending in batch:
+            pending.future.remove_done_callback(stop_if_unwanted)
 
 
 async def _settle(pending: Pending, work: Awaitable[tuple[Outputs, Trail]]) -> None:

@@ -1,7 +1,8 @@
 """Dynamic batching on a real local Ray cluster with real ONNX Runtime replicas: batches
 form under load and answer each request with its own rows; a request out of time in the
 queue never runs; a poison request fails alone; a replica killed under a batch loses
-nothing; a malformed request fails alone."""
+nothing; a malformed request fails alone; a request whose caller went away is neither run on
+nor sent on."""
 
 from __future__ import annotations
 
@@ -124,3 +125,54 @@ def test_a_replica_killed_under_a_batch_loses_no_request(port: int, cache_dir: P
         if any(a["outcome"] == "ReplicaFailure" for a in trail):
             died.append(trail)
     assert died, "no batch was in flight on the replica that died"
+
+
+def _pool(replica: dict[str, Any]) -> dict[str, Any]:
+    return replica["models"]["tiny"]["pool"]
+
+
+def _batch_of_four(router: Any, marked: int | None = None) -> tuple[list[Any], list[Any]]:
+    """Four one-row requests that leave the queue as one batch (preferred size 4); the
+    ``marked`` one carries the hang fault's marker."""
+    inputs = [varied_inputs(i, rows=1) for i in range(4)]
+    if marked is not None:
+        inputs[marked]["x"][0, 0] = 777.0
+    return inputs, [router.infer_with_trail.remote("tiny", x, timeout=5) for x in inputs]
+
+
+def test_a_batch_whose_callers_all_went_away_is_stopped_in_the_replica(
+    port: int, cache_dir: Path
+) -> None:
+    router = deploy(cache_dir, replicas=1, pool_size=1, max_queue_delay_us=1_000_000,
+                    preferred_batch_sizes=[4], faults=[{"kind": "hang", "seconds": 4}],
+                    retry={"attempt_timeout_s": 5, "deadline_s": 5})
+    _, responses = _batch_of_four(router)
+    assert wait_until(lambda: describe_all()[0]["faults_pending"] == [], 5)
+    for response in responses:
+        response.cancel()
+    # Stopped: the hang was cancelled in the replica (its context abandoned and replaced)
+    # instead of running to its end for nobody.
+    assert wait_until(lambda: _pool(describe_all()[0])["abandoned"] == 1, 10), describe_all()
+    assert requests_seen() == 1
+    _assert_own_rows(varied_inputs(10), _call(router, varied_inputs(10)))
+
+
+def test_callers_gone_from_a_failed_batch_are_not_sent_on(port: int, cache_dir: Path) -> None:
+    router = deploy(cache_dir, replicas=2, pool_size=1, max_queue_delay_us=1_000_000,
+                    preferred_batch_sizes=[4],
+                    faults=[{"kind": "hang", "seconds": 30, "marker": 777.0}],
+                    retry={"attempt_timeout_s": 2, "deadline_s": 5})
+    inputs, responses = _batch_of_four(router, marked=0)
+    assert wait_until(lambda: any(r["faults_pending"] == [] for r in describe_all()), 5)
+    responses[0].cancel()
+    responses[1].cancel()
+    # The batch's attempt times out; the two requests still wanted fail over, alone.
+    for x, response in zip(inputs[2:], responses[2:], strict=True):
+        trail = _assert_own_rows(x, response.result(timeout_s=10))
+        assert trail[0]["batch"] == 4 and "timed out" in trail[0]["message"], trail
+        assert trail[-1]["outcome"] == "ok" and trail[-1]["replica"] != trail[0]["replica"]
+    # The two whose callers went away never ran again: the batch and two lone requests in
+    # all, and the other replica's marked hang never fired.
+    assert not wait_until(lambda: requests_seen() > 3, 3)
+    assert requests_seen() == 3
+    assert any(r["faults_pending"] for r in describe_all())
