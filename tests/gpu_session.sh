@@ -8,6 +8,11 @@
 #   bash tests/gpu_session.sh bench     trtserve bench fastpath, the full sweep, on resnet50
 #   bash tests/gpu_session.sh ingress   HTTP through Serve's proxy against its HAProxy, and
 #                                       one Router against the default (auto)
+#   bash tests/gpu_session.sh load      the GPU tests; then handle calls at 256 callers from 4
+#                                       and from 8 generator processes (is the generator the
+#                                       limit?), and with 8 Routers
+#   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
+#                                       affected requests from at least 5 kills, 64 callers
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -39,5 +44,23 @@ ingress)
       --ceiling-threads 4 --ceiling-seconds 2 $variant 2>&1 | tee -a "$OUT/ingress.txt"
     echo "variant $variant rc=$?"
   done
+  ;;
+load)
+  nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
+  timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/ 2>&1 | tee "$OUT/gpu-tests.log"
+  echo "gpu tests rc=$?"
+  for variant in "--generators 4" "--generators 8" "--generators 8 --router-replicas 8"; do
+    timeout -k 10 110 $BENCH --concurrency 256 --seconds 6 --batching on --modes handle \
+      --no-peer --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 \
+      --ceiling-seconds 2 $variant 2>&1 | tee -a "$OUT/load.txt"
+    echo "variant $variant rc=$?"
+  done
+  ;;
+kills)
+  timeout -k 10 560 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \
+    --no-peer --recovery-faults crash --recovery-concurrency 64 --crash-requests 200 \
+    --crash-kills 5 --recovery-limit-s 400 --generators 4 --ceiling-batch-sizes 32 \
+    --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
+  echo "kills rc=$?"
   ;;
 esac
