@@ -70,6 +70,7 @@ class FastpathSetup:
     gpus_per_replica: float | None = None  # None: the cluster's GPUs shared evenly
     router_replicas: str | int = "auto"  # the app's own default
     cuda_batch_buckets: bool = True  # the app's own default
+    ort_threads: int | None = None  # the app's own default
     ha_proxy: bool = False  # Serve's bundled HAProxy ingress instead of its Python proxy
     batching: tuple[str, ...] = ("off", "on")
     modes: tuple[str, ...] = ("handle", "http binary", "http json")
@@ -188,6 +189,7 @@ class FastpathResult:
         return "\n".join([
             f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
             f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
+            f"ort_threads {s.ort_threads if s.ort_threads is not None else 'default'}, "
             f"ingress {'HAProxy' if s.ha_proxy else 'Serve proxy'}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
@@ -239,6 +241,7 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "gpus_per_replica": gpus, "cpus_per_replica": 0, "router_cpus": 0,
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
         "router_replicas": setup.router_replicas, "cuda_batch_buckets": setup.cuda_batch_buckets,
+        "ort_threads": setup.ort_threads,
         "batch_size": setup.batch_size if batching == "on" else 1,
         "max_queue_delay_us": setup.max_queue_delay_us,
         "preferred_batch_sizes": list(setup.preferred_batch_sizes),

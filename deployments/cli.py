@@ -382,6 +382,9 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-buckets", dest="cuda_batch_buckets", action="store_const",
                    const=False, help="deploy with cuda_batch_buckets off: one session per "
                    "model sees every batch size")
+    p.add_argument("--ort-threads", type=int,
+                   help="the app's ort_threads: ONNX Runtime intra-op threads per session "
+                        "(default: the app's, 1 on the CUDA provider, ONNX Runtime's on the CPU)")
     p.add_argument("--ha-proxy", action="store_const", const=True,
                    help="Serve's bundled HAProxy ingress instead of its Python proxy")
     p.add_argument("--batching", nargs="+", choices=("off", "on"),
