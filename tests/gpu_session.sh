@@ -11,6 +11,12 @@
 #   bash tests/gpu_session.sh load      the GPU tests; then handle calls at 256 callers from 4
 #                                       and from 8 generator processes (is the generator the
 #                                       limit?), and with 8 Routers
+#   bash tests/gpu_session.sh profile   where the CPU goes at saturation: per-process and
+#                                       per-thread CPU (top) and py-spy's stacks of a Router
+#                                       and an EngineReplica under 256 handle callers
+#   bash tests/gpu_session.sh layouts   handle calls at 256 callers: 2 replicas sharing the GPU
+#                                       against 1 replica holding it, fewer Routers, and a
+#                                       queue delay that lets batches fill
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
 set -o pipefail
@@ -56,10 +62,37 @@ load)
     echo "variant $variant rc=$?"
   done
   ;;
+layouts)
+  for variant in "" "--replicas 1" "--replicas 1 --router-replicas 2" \
+                 "--max-queue-delay-us 2000 --preferred-batch-sizes 8 16 32"; do
+    timeout -k 10 130 $BENCH --concurrency 256 --seconds 6 --warmup-s 3 --batching on \
+      --modes handle --no-peer --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 \
+      --ceiling-seconds 1 --generators 4 $variant 2>&1 | grep -E "^  trtserve|^ceiling:|rc=" \
+      | tee -a "$OUT/layouts.txt"
+    echo "variant '$variant' rc=$?" | tee -a "$OUT/layouts.txt"
+  done
+  ;;
+profile)
+  timeout -k 10 200 $BENCH --concurrency 256 --seconds 60 --warmup-s 5 --batching on \
+    --modes handle --no-peer --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 \
+    --ceiling-seconds 1 > "$OUT/profile-bench.txt" 2>&1 &
+  bench=$!
+  for _ in $(seq 120); do grep -q "deploying" "$OUT/profile-bench.txt" && break; sleep 1; done
+  sleep 40  # the deploy (about 25 s here) and the warm-up: the load point is running
+  top -b -n 2 -d 8 -w 400 -c > "$OUT/top.txt"
+  for role in EngineReplica Router; do
+    pid=$(pgrep -f "ServeReplica:trtserve:$role" | head -1)
+    top -b -n 2 -d 3 -H -w 400 -p "$pid" > "$OUT/threads-$role.txt"
+    timeout 30 py-spy record -p "$pid" -d 10 -r 100 -f raw --nonblocking -o "$OUT/$role.txt" \
+      > "$OUT/py-spy-$role.log" 2>&1 || echo "py-spy on $role failed: $(tail -1 "$OUT/py-spy-$role.log")"
+  done
+  wait $bench
+  tail -5 "$OUT/profile-bench.txt"
+  ;;
 kills)
   timeout -k 10 560 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \
     --no-peer --recovery-faults crash --recovery-concurrency 64 --crash-requests 200 \
-    --crash-kills 5 --recovery-limit-s 400 --generators 4 --ceiling-batch-sizes 32 \
+    --crash-kills 5 --recovery-limit-s 300 --generators 4 --ceiling-batch-sizes 32 \
     --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
   echo "kills rc=$?"
   ;;
