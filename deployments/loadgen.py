@@ -176,7 +176,7 @@ def _sender(target: Target, session: Any) -> Send:
     return handle
 
 
-async def _drive(job: Job, requests: list[Any], start_at: float, stop: threading.Event,
+async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
                  affected: Synchronized) -> Records:
     rows: list[tuple[float, float, bool, int, float]] = []
     session = None
@@ -188,10 +188,23 @@ async def _drive(job: Job, requests: list[Any], start_at: float, stop: threading
             timeout=aiohttp.ClientTimeout(total=job.timeout_s),
         )
     send = _sender(job.target, session)
+    # One request before the clock starts: a new handle learns its replicas (and an HTTP
+    # session opens its connection) on its first call, which can take longer than a short
+    # warm-up and is no part of the steady state being measured.
+    try:
+        async with asyncio.timeout(job.timeout_s):
+            await send(requests[0])
+    except Exception:  # the run itself counts failures
+        pass
+    conn.send("ready")
+    start_at = conn.recv()  # the parent has cleared ``stop`` by now
+    # A thread turns the cross-process event into a local one: callers check it per request.
+    local_stop = threading.Event()
+    threading.Thread(target=lambda: (stop.wait(), local_stop.set()), daemon=True).start()
 
     async def caller(first: int) -> None:
         i = first
-        while not stop.is_set():
+        while not local_stop.is_set():
             request = requests[i % len(requests)]
             i += job.callers
             began = time.monotonic()
@@ -224,8 +237,6 @@ def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: st
     import ray
 
     ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
-    # A thread turns the cross-process event into a local one: callers check it per request.
-    local_stop = threading.Event()
     cache: dict[tuple[str, int], list[Any]] = {}
     while (job := conn.recv()) is not None:
         try:
@@ -233,13 +244,7 @@ def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: st
             form = job.target.kind if job.target.kind in HTTP_KINDS else "arrays"
             key = (form, job.seed)
             requests = cache.get(key) or cache.setdefault(key, build_requests(job))
-            conn.send("ready")
-            start_at = conn.recv()
-            local_stop.clear()
-            watcher = threading.Thread(target=lambda: (stop.wait(), local_stop.set()),
-                                       daemon=True)
-            watcher.start()
-            conn.send(asyncio.run(_drive(job, requests, start_at, local_stop, affected)))
+            conn.send(asyncio.run(_drive(job, requests, conn, stop, affected)))
         except Exception as exc:  # the parent raises it
             conn.send(exc)
     ray.shutdown()
