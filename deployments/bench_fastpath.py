@@ -10,7 +10,10 @@ Order of a run (``run_fastpath``):
    then every (concurrency, mode) load point; with batching off also a direct handle to
    EngineReplica for the per-hop breakdown; with the last setting the recovery runs
    (context faults, then replica kills);
-4. the peer: a plain Serve app batching with ``@serve.batch`` on the same engine.
+4. the peer: a plain Serve app batching with ``@serve.batch`` on the same engine;
+5. with ``replica_sweep``: trtserve deployed again with each engine replica count (batching
+   as the last setting), every (concurrency, mode) load point again, and the scaling ratio
+   served(N) / (N / n x served(n)) against the smallest count n.
 
 Every served request is one row, so req/s compares with the ceiling's rows/s.
 """
@@ -24,7 +27,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,7 @@ class FastpathSetup:
     router_replicas: str | int = "auto"  # the app's own default
     cuda_batch_buckets: bool = True  # the app's own default
     ort_threads: int | None = None  # the app's own default
+    replica_sweep: tuple[int, ...] = ()  # engine replica counts to compare; () for none
     ha_proxy: bool = False  # Serve's bundled HAProxy ingress instead of its Python proxy
     batching: tuple[str, ...] = ("off", "on")
     modes: tuple[str, ...] = ("handle", "http binary", "http json")
@@ -113,6 +117,9 @@ class FastpathResult:
     direct: Measurement | None = None
     recovery_batching: str = "off"
     recovery: list[Recovery] = field(default_factory=list)
+    scaling: dict[tuple[str, int, int], Measurement] = field(default_factory=dict)
+    # per swept count, each live replica's device as it reported it: "Ray GPU ids / UUID"
+    placements: dict[int, list[str]] = field(default_factory=dict)
 
     def ratio(self, m: Measurement) -> float:
         return m.throughput / self.ceiling.best.rows_per_s
@@ -167,6 +174,31 @@ class FastpathResult:
             previous = p50
         return "\n".join(lines)
 
+    def scaling_table(self) -> str:
+        """Each sweep point, and its throughput against perfect scaling from the smallest
+        replica count at the same mode and concurrency."""
+        if not self.scaling:
+            return "not measured"
+        smallest = min(n for _, _, n in self.scaling)
+        lines = [f"batching {self.batching[-1]}; scaling = served(N) / (N / {smallest} x "
+                 f"served({smallest}))",
+                 "",
+                 "| mode | concurrency | engine replicas | req/s | p50 ms | p99 ms | vs ceiling "
+                 "| scaling | failed |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for (mode, c, n), m in sorted(self.scaling.items()):
+            base = self.scaling.get((mode, c, smallest))
+            scaling = (m.throughput / (n / smallest * base.throughput)
+                       if base is not None and base.throughput > 0 else float("nan"))
+            lines.append(f"| {mode} | {c} | {n} | {m.throughput:.0f} | {m.pct(50):.2f} | "
+                         f"{m.pct(99):.2f} | {self.ratio(m):.3g}x | {scaling:.2f} | "
+                         f"{m.failed} |")
+        lines += ["", "| engine replicas | each replica's device (Ray GPU ids / CUDA UUID) |",
+                  "| --- | --- |"]
+        lines += [f"| {n} | {'; '.join(devices)} |"
+                  for n, devices in sorted(self.placements.items())]
+        return "\n".join(lines)
+
     def recovery_table(self) -> str:
         if not self.recovery:
             return "not measured"
@@ -200,6 +232,8 @@ class FastpathResult:
             "per-hop breakdown " + self.breakdown(),
             "",
             "recovery: " + self.recovery_table(),
+            "",
+            "replica scaling: " + self.scaling_table(),
         ])
 
 
@@ -249,17 +283,29 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
     return args
 
 
-def _gpus_per_replica(setup: FastpathSetup) -> float:
+def _gpus_per_replica(setup: FastpathSetup, replicas: int | None = None) -> float:
     if setup.gpus_per_replica is not None:
         return setup.gpus_per_replica
     gpus = ray.cluster_resources().get("GPU", 0.0)
-    return min(1.0, gpus / setup.replicas)
+    return min(1.0, gpus / (replicas or setup.replicas))
 
 
 def _live_replicas() -> list[str]:
     engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
     replies = engine.broadcast("describe").results(timeout_s=30, return_exceptions=True)
     return sorted(r["replica_id"] for r in replies if isinstance(r, dict) and r["healthy"])
+
+
+def _replica_devices() -> list[str]:
+    """Each live replica's GPU, as Ray assigned it and CUDA names it."""
+    engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
+    replies = engine.broadcast("describe").results(timeout_s=30, return_exceptions=True)
+    devices = []
+    for r in sorted((r for r in replies if isinstance(r, dict)), key=lambda r: r["replica_id"]):
+        cuda = r["device"]["cuda"]
+        gpu = ",".join(r["device"]["ray_gpu_ids"]) or "no GPU"
+        devices.append(f"{r['replica_id']}: {gpu} / {cuda['uuid'] if cuda else '-'}")
+    return devices
 
 
 def _inject(fault: dict[str, Any], replica: str) -> bool:
@@ -321,6 +367,17 @@ class _Run:
                       f"{self.result.ratio(m):.3g}x ceiling  failed {m.failed}  "
                       f"generator CPU {m.generator_cpu:.0%}")
         return m
+
+    def sweep(self, replicas: int) -> None:
+        s = self.setup
+        devices = _replica_devices()
+        self.result.placements[replicas] = devices
+        self.progress(f"  {replicas} engine replica(s) on: {'; '.join(devices)}")
+        for c in s.concurrency:
+            for mode in s.modes:
+                target = Target(MODES[mode], s.model, APP_NAME, self.url)
+                self.result.scaling[(mode, c, replicas)] = self.drive(
+                    target, c, f"trtserve {mode}, {replicas} engine replica(s)")
 
     def trtserve(self, batching: str) -> None:
         s = self.setup
@@ -424,6 +481,14 @@ def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathRe
             if setup.peer:
                 progress(f"{PEER_MODE}: deploying")
                 run.peer(gpus)
+            for replicas in sorted(set(setup.replica_sweep)):
+                progress(f"trtserve, {replicas} engine replica(s): deploying")
+                args = _app_args(replace(setup, replicas=replicas),
+                                 _gpus_per_replica(setup, replicas), batching[-1])
+                serve.run(build_app(args), name=APP_NAME, route_prefix="/",
+                          logging_config=QUIET)
+                run.sweep(replicas)
+                serve.delete(APP_NAME)
     return result
 
 

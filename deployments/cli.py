@@ -385,6 +385,11 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--ort-threads", type=int,
                    help="the app's ort_threads: ONNX Runtime intra-op threads per session "
                         "(default: the app's, 1 on the CUDA provider, ONNX Runtime's on the CPU)")
+    p.add_argument("--replica-sweep", type=int, nargs="+",
+                   help="also deploy trtserve with each of these engine replica counts "
+                        "(batching as the last --batching setting; each replica gets the "
+                        "cluster's GPUs shared evenly, at most 1) and print the scaling ratio "
+                        "served(N) / (N / n x served(n)) against the smallest count n")
     p.add_argument("--ha-proxy", action="store_const", const=True,
                    help="Serve's bundled HAProxy ingress instead of its Python proxy")
     p.add_argument("--batching", nargs="+", choices=("off", "on"),

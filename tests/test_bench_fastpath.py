@@ -1,5 +1,6 @@
 """The saturation benchmark end to end, as short as it goes: every row of its table is there
-and every ratio to the ceiling is a finite number. Timings are never asserted."""
+and every ratio to the ceiling is a finite number, as is every scaling ratio of the replica
+sweep, which deployed the replica counts it names. Timings are never asserted."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
         cache_dir=str(cache_dir), concurrency=(1, 4), seconds=0.5, warmup_s=0.3,
         ceiling_batch_sizes=(1, 4), ceiling_threads=(1,), ceiling_seconds=0.2,
         breakdown_concurrency=4, recovery_concurrency=4, recovery_faults=("context",),
-        context_requests=1, recovery_limit_s=30,
+        context_requests=1, recovery_limit_s=30, replica_sweep=(2, 1),
     )
     result = run_fastpath(setup, progress=lambda _: None)
 
@@ -37,3 +38,11 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     assert [r.fault for r in result.recovery] == ["context"]
     assert result.recovery[0].injected >= 1
     assert "nan" not in result.breakdown()
+
+    assert set(result.scaling) == {(m, c, n) for m in MODES for c in (1, 4) for n in (1, 2)}
+    assert {n: len(devices) for n, devices in result.placements.items()} == {1: 1, 2: 2}
+    scaling = result.scaling_table()
+    assert "nan" not in scaling
+    for mode in MODES:  # the smallest count is its own baseline
+        [row] = [line for line in scaling.splitlines() if line.startswith(f"| {mode} | 4 | 1 |")]
+        assert "| 1.00 |" in row, row
