@@ -17,6 +17,10 @@
 #   bash tests/gpu_session.sh layouts   handle calls at 256 callers: 2 replicas sharing the GPU
 #                                       against 1 replica holding it, fewer Routers, and a
 #                                       queue delay that lets batches fill
+#   bash tests/gpu_session.sh gpus      issue 12, on every GPU of the host: the GPU tests (one
+#                                       replica per GPU among them), the replica sweep 1..N
+#                                       with its scaling ratio, and where Serve places the
+#                                       replacement of a replica broken by a real CUDA fault
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
 set -o pipefail
@@ -88,6 +92,18 @@ profile)
   done
   wait $bench
   tail -5 "$OUT/profile-bench.txt"
+  ;;
+gpus)
+  nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
+  n=$(nvidia-smi -L | wc -l)
+  timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
+  echo "gpu tests rc=$?"
+  timeout -k 10 150 python3 -m tests.gpu_placement 2>&1 | tail -1 | tee "$OUT/placement.json"
+  echo "placement rc=$?"
+  timeout -k 10 200 $BENCH --replica-sweep $(seq 1 "$n") --batching on --modes handle \
+    --concurrency 64 256 --seconds 6 --warmup-s 3 --generators 4 --no-peer --recovery-faults \
+    --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/sweep.txt"
+  echo "sweep rc=$?"
   ;;
 kills)
   timeout -k 10 560 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \

@@ -1,5 +1,6 @@
 """On a real GPU: ONNX Runtime's CUDA provider, a real sticky CUDA error, and Serve saving
-every request from a replica that suffers one.
+every request from a replica that suffers one; on several GPUs of one host, one replica per
+GPU, each on its own, and a CUDA fault on one GPU answered by the others.
 
 The ``cuda`` fault is not simulated: a kernel really writes outside any allocation, and what
 fails afterwards is ONNX Runtime's own CUDA call, mapped by the backend. Skipped, with the
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,8 @@ def serve_on_the_gpu() -> Iterator[None]:
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False)  # Ray finds the GPU itself
+    # Ray finds the GPUs itself; address="local": never another cluster on the machine.
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     serve.start()
     yield
     serve.shutdown()
@@ -195,3 +198,33 @@ def test_a_real_cuda_fault_under_load_loses_no_request(
         assert "DeviceFailure" in {a["outcome"] for a in broken}, trail
         assert trail[-1] == {**trail[-1], "outcome": "ok", "replica": survivor}, trail
     assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 90)
+
+
+GPUS = cuda.visible_device_count()
+
+
+@pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs or more: this machine has {GPUS}")
+def test_one_replica_per_gpu_and_a_cuda_fault_on_one_fails_over_to_the_others(
+    serve_on_the_gpu: None, cache_dir: Path
+) -> None:
+    from .serving import FaultAt, deploy, describe_all, load, replica_ids
+
+    router = deploy(cache_dir, backend="onnxruntime", replicas=GPUS, gpus_per_replica=1)
+    devices = [r["device"] for r in describe_all()]
+    assert len({tuple(d["ray_gpu_ids"]) for d in devices}) == GPUS, devices
+    assert len({d["cuda"]["uuid"] for d in devices}) == GPUS, devices
+    assert {d["cuda"]["index"] for d in devices} == {0}, devices  # each sees its own GPU only
+    first = replica_ids()
+    victim = sorted(first)[0]
+    fault = FaultAt(50, {"kind": "cuda"}, victim)
+    results = load(router, 500, 8, on_progress=fault)
+    assert fault.injected
+    served_by: Counter[str] = Counter()
+    for inputs, result in results:
+        assert not isinstance(result, BaseException), repr(result)
+        outputs, trail = result
+        want = models.tiny_reference(inputs["x"])["probs"]
+        np.testing.assert_allclose(outputs["probs"], want, rtol=1e-2, atol=1e-4)  # TF32
+        served_by[trail[-1]["replica"]] += 1
+        assert all(a["replica"] == victim for a in trail if a["outcome"] != "ok"), trail
+    assert first <= set(served_by), served_by  # the Router spread the load over every GPU
