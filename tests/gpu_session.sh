@@ -98,7 +98,7 @@ gpus)
   n=$(nvidia-smi -L | wc -l)
   timeout -k 10 200 python3 -m pytest -m gpu -q -rs tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log"
   echo "gpu tests rc=$?"
-  timeout -k 10 150 python3 -m tests.gpu_placement 2>&1 | tail -1 | tee "$OUT/placement.json"
+  timeout -k 10 150 python3 -m tests.gpu_placement 2>&1 | grep "^{" | tee "$OUT/placement.json"
   echo "placement rc=$?"
   timeout -k 10 200 $BENCH --replica-sweep $(seq 1 "$n") --batching on --modes handle \
     --concurrency 64 256 --seconds 6 --warmup-s 3 --generators 4 --no-peer --recovery-faults \
