@@ -94,7 +94,14 @@ def _http_infer(port: int, inputs: dict[str, np.ndarray], request_id: str
 
 def _cancel_one(router: Any) -> None:
     """A request that hangs in a replica, cancelled by its caller."""
-    for replica in {r["replica_id"] for r in describe_all()}:
+
+    def healthy() -> set[str]:
+        return {r["replica_id"] for r in describe_all() if r["healthy"]}
+
+    # The replica poisoned by the device fault is replaced first: it is about to exit (a call
+    # aimed at it would wait for nothing), and its replacement, unarmed, would not hang.
+    assert wait_until(lambda: len(healthy()) == 2 and len(describe_all()) == 2, 60)
+    for replica in healthy():
         inject({"kind": "hang", "seconds": 30, "marker": 777.0}, target=replica)
     inputs = varied_inputs(999)
     inputs["x"][0, 0] = 777.0
