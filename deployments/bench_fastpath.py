@@ -290,18 +290,21 @@ def _gpus_per_replica(setup: FastpathSetup, replicas: int | None = None) -> floa
     return min(1.0, gpus / (replicas or setup.replicas))
 
 
-def _live_replicas() -> list[str]:
+def _describe_replicas() -> list[dict[str, Any]]:
+    """Every replica's own report, in replica id order (one that died meanwhile left out)."""
     engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
     replies = engine.broadcast("describe").results(timeout_s=30, return_exceptions=True)
-    return sorted(r["replica_id"] for r in replies if isinstance(r, dict) and r["healthy"])
+    return sorted((r for r in replies if isinstance(r, dict)), key=lambda r: r["replica_id"])
+
+
+def _live_replicas() -> list[str]:
+    return [r["replica_id"] for r in _describe_replicas() if r["healthy"]]
 
 
 def _replica_devices() -> list[str]:
     """Each live replica's GPU, as Ray assigned it and CUDA names it."""
-    engine = serve.get_deployment_handle("EngineReplica", APP_NAME)
-    replies = engine.broadcast("describe").results(timeout_s=30, return_exceptions=True)
     devices = []
-    for r in sorted((r for r in replies if isinstance(r, dict)), key=lambda r: r["replica_id"]):
+    for r in _describe_replicas():
         cuda = r["device"]["cuda"]
         gpu = ",".join(r["device"]["ray_gpu_ids"]) or "no GPU"
         devices.append(f"{r['replica_id']}: {gpu} / {cuda['uuid'] if cuda else '-'}")
