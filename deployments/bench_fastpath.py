@@ -99,12 +99,16 @@ FULL = FastpathSetup(concurrency=(1, 16, 64, 256), seconds=8.0, warmup_s=2.0,
 
 @dataclass(frozen=True)
 class Recovery:
-    """Requests of one run that met a fault (trail of more than one attempt) and the rest."""
+    """Requests of one run that met a fault (trail of more than one attempt) and the rest.
+    ``faulted_attempt_ms``: the first entry of each affected request's trail, the attempt that
+    met the fault: for a context fault the failed execution in the replica; for a kill, the
+    Router's entry, from the attempt's start until it learnt of the death."""
 
     fault: str
     injected: int
     affected_ms: np.ndarray
     unaffected_ms: np.ndarray
+    faulted_attempt_ms: np.ndarray
     failed: int
 
 
@@ -206,14 +210,20 @@ class FastpathResult:
                  f"{self.setup.recovery_concurrency}, batching {self.recovery_batching}",
                  "",
                  "| fault | injected | affected | unaffected | affected p50 / p99 ms "
-                 "| unaffected p50 / p99 ms | added p50 / p99 ms | failed |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "| unaffected p50 / p99 ms | added p50 / p99 ms "
+                 "| faulted attempt p50 / p99 ms | failed |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.recovery:
             a50, a99 = _pcts(r.affected_ms)
             u50, u99 = _pcts(r.unaffected_ms)
+            f50, f99 = _pcts(r.faulted_attempt_ms)
             lines.append(f"| {r.fault} | {r.injected} | {len(r.affected_ms)} | "
                          f"{len(r.unaffected_ms)} | {a50:.2f} / {a99:.2f} | {u50:.2f} / "
-                         f"{u99:.2f} | {a50 - u50:+.2f} / {a99 - u99:+.2f} | {r.failed} |")
+                         f"{u99:.2f} | {a50 - u50:+.2f} / {a99 - u99:+.2f} | "
+                         f"{f50:.2f} / {f99:.2f} | {r.failed} |")
+        lines += ["", "faulted attempt: the first entry of an affected request's trail. For a "
+                  "context fault, the failed execution in the replica; for a crash, from the "
+                  "attempt's start until the Router learnt of the death."]
         return "\n".join(lines)
 
     def report(self) -> str:
@@ -401,7 +411,8 @@ class _Run:
                          self.setup.recovery_concurrency, warmup_s=self.setup.warmup_s,
                          during=injections.until, seed=self.setup.seed + 1)
         hit = m.attempts > 1
-        r = Recovery(fault, injections.count, m.latency_ms[hit], m.latency_ms[~hit], m.failed)
+        r = Recovery(fault, injections.count, m.latency_ms[hit], m.latency_ms[~hit],
+                     m.first_ms[hit], m.failed)
         a50, a99 = _pcts(r.affected_ms)
         self.progress(f"  recovery, {fault}: {injections.count} injected, "
                       f"{len(r.affected_ms)} affected (p50 {a50:.2f} ms, p99 {a99:.2f} ms), "

@@ -75,6 +75,9 @@ class Records:
     ok: np.ndarray
     attempts: np.ndarray  # entries of the attempt trail; 0 where the path returns none
     replica_ms: np.ndarray  # the last attempt's time in the replica; NaN where unknown
+    # The first attempt's time as its trail gives it; for one that failed over, the time until
+    # the Router learnt of the failure. NaN where unknown.
+    first_ms: np.ndarray
     cpu_s: float
     wall_s: float
 
@@ -91,6 +94,7 @@ class Measurement:
     latency_ms: np.ndarray
     attempts: np.ndarray
     replica_ms: np.ndarray
+    first_ms: np.ndarray
     failed: int
     seconds: float
     generator_cpu: float  # the busiest generator process's CPU use, in cores
@@ -125,16 +129,22 @@ def build_requests(job: Job) -> list[Any]:
 Send = Callable[[Any], Any]
 
 
-def _trail_info(trail: list[dict[str, Any]]) -> tuple[int, float]:
-    return len(trail), float(trail[-1]["ms"]) if trail else np.nan
+TrailInfo = tuple[int, float, float]  # attempts, the last one's ms, the first one's ms
+NO_TRAIL: TrailInfo = (0, np.nan, np.nan)
+
+
+def _trail_info(trail: list[dict[str, Any]]) -> TrailInfo:
+    if not trail:
+        return NO_TRAIL
+    return len(trail), float(trail[-1]["ms"]), float(trail[0]["ms"])
 
 
 def _sender(target: Target, session: Any) -> Send:
-    """A coroutine function: one request -> (attempts, replica ms)."""
+    """A coroutine function: one request -> its TrailInfo."""
     if target.kind in HTTP_KINDS:
         url = f"{target.url}/v2/models/{target.model}/infer"
 
-        async def post(request: tuple[bytes, dict[str, str]]) -> tuple[int, float]:
+        async def post(request: tuple[bytes, dict[str, str]]) -> TrailInfo:
             body, headers = request
             async with session.post(url, data=body, headers=headers) as reply:
                 await reply.read()  # a client reads the answer; decoding it is left out
@@ -148,7 +158,7 @@ def _sender(target: Target, session: Any) -> Send:
     if target.kind == "direct":
         engine = serve.get_deployment_handle("EngineReplica", target.app)
 
-        async def direct(inputs: dict[str, np.ndarray]) -> tuple[int, float]:
+        async def direct(inputs: dict[str, np.ndarray]) -> TrailInfo:
             _, trail = await engine.infer.remote(target.model, inputs)
             return _trail_info(trail)
 
@@ -156,29 +166,29 @@ def _sender(target: Target, session: Any) -> Send:
     app = serve.get_app_handle(target.app)
     if target.kind == "peer":
 
-        async def peer(inputs: dict[str, np.ndarray]) -> tuple[int, float]:
+        async def peer(inputs: dict[str, np.ndarray]) -> TrailInfo:
             await app.infer.remote(inputs)
-            return 0, np.nan
+            return NO_TRAIL
 
         return peer
     if target.kind == "trail":
 
-        async def with_trail(inputs: dict[str, np.ndarray]) -> tuple[int, float]:
+        async def with_trail(inputs: dict[str, np.ndarray]) -> TrailInfo:
             _, trail = await app.infer_with_trail.remote(target.model, inputs)
             return _trail_info(trail)
 
         return with_trail
 
-    async def handle(inputs: dict[str, np.ndarray]) -> tuple[int, float]:
+    async def handle(inputs: dict[str, np.ndarray]) -> TrailInfo:
         await app.infer.remote(target.model, inputs)
-        return 0, np.nan
+        return NO_TRAIL
 
     return handle
 
 
 async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
                  affected: Synchronized) -> Records:
-    rows: list[tuple[float, float, bool, int, float]] = []
+    rows: list[tuple[float, float, bool, int, float, float]] = []
     session = None
     if job.target.kind in HTTP_KINDS:
         import aiohttp  # a dependency of ray[serve]; far less CPU per request than httpx
@@ -210,11 +220,11 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
             began = time.monotonic()
             try:
                 async with asyncio.timeout(job.timeout_s):  # no task per request, unlike wait_for
-                    attempts, replica_ms = await send(request)
+                    attempts, replica_ms, first_ms = await send(request)
                 ok = True
             except Exception:  # counted as failed; the run goes on
-                attempts, replica_ms, ok = 0, np.nan, False
-            rows.append((began, time.monotonic(), ok, attempts, replica_ms))
+                (attempts, replica_ms, first_ms), ok = NO_TRAIL, False
+            rows.append((began, time.monotonic(), ok, attempts, replica_ms, first_ms))
             if attempts > 1:  # the parent stops a recovery run on this count
                 with affected.get_lock():
                     affected.value += 1
@@ -227,9 +237,10 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
         if session is not None:
             await session.close()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 5
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 6
     return Records(np.array(cols[0], float), np.array(cols[1], float), np.array(cols[2], bool),
-                   np.array(cols[3], int), np.array(cols[4], float), cpu, max(wall, 1e-9))
+                   np.array(cols[3], int), np.array(cols[4], float), np.array(cols[5], float),
+                   cpu, max(wall, 1e-9))
 
 
 def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: str) -> None:
@@ -319,9 +330,9 @@ def _check(reply: Any) -> Any:
 
 
 def _window(parts: list[Records], begin: float, end: float) -> Measurement:
-    started, ended, ok, attempts, replica_ms = (
+    started, ended, ok, attempts, replica_ms, first_ms = (
         np.concatenate([getattr(p, f) for p in parts])
-        for f in ("started", "ended", "ok", "attempts", "replica_ms")
+        for f in ("started", "ended", "ok", "attempts", "replica_ms", "first_ms")
     )
     inside = (ended >= begin) & (ended <= end)
     good = inside & ok
@@ -329,6 +340,7 @@ def _window(parts: list[Records], begin: float, end: float) -> Measurement:
         latency_ms=(ended[good] - started[good]) * 1000.0,
         attempts=attempts[good],
         replica_ms=replica_ms[good],
+        first_ms=first_ms[good],
         failed=int((inside & ~ok).sum()),
         seconds=end - begin,
         generator_cpu=max(p.cpu_use for p in parts),

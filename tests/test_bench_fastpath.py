@@ -36,7 +36,13 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     table = result.table()
     assert len(table.splitlines()) == 3 + len(expected)  # header, rule, ceiling, the points
     assert [r.fault for r in result.recovery] == ["context"]
-    assert result.recovery[0].injected >= 1
+    recovery = result.recovery[0]
+    assert recovery.injected >= 1 and len(recovery.affected_ms) >= 1
+    # The attempt that met the fault is a part of its request's time, known for each.
+    assert len(recovery.faulted_attempt_ms) == len(recovery.affected_ms)
+    assert all(0 < f <= total for f, total in
+               zip(recovery.faulted_attempt_ms, recovery.affected_ms, strict=True))
+    assert "nan" not in result.recovery_table()
     assert "nan" not in result.breakdown()
 
     assert set(result.scaling) == {(m, c, n) for m in MODES for c in (1, 4) for n in (1, 2)}
