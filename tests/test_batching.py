@@ -80,7 +80,7 @@ def test_batches_form_under_load_and_each_request_gets_its_own_rows(
 
 def test_a_request_out_of_time_in_the_batch_queue_never_runs(port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir, replicas=1, pool_size=1,
-                    faults=[{"kind": "hang", "seconds": 2}])
+                    faults=[{"kind": "hang", "seconds": 3}])
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(_call, router, varied_inputs(1), 5)
         assert wait_until(lambda: describe_all()[0]["faults_pending"] == [], 5)
@@ -93,7 +93,7 @@ def test_a_request_out_of_time_in_the_batch_queue_never_runs(port: int, cache_di
 
 def test_a_poison_request_in_a_batch_fails_alone(port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir, replicas=1, pool_size=1,
-                    faults=[{"kind": "hang", "seconds": 1},
+                    faults=[{"kind": "hang", "seconds": 3},
                             {"kind": "execution", "marker": 777.0, "count": 1_000_000}])
     inputs = [varied_inputs(i) for i in range(16)]
     inputs[9]["x"][0, 0] = 777.0
@@ -161,7 +161,7 @@ def test_callers_gone_from_a_failed_batch_are_not_sent_on(port: int, cache_dir: 
     router = deploy(cache_dir, replicas=2, pool_size=1, max_queue_delay_us=1_000_000,
                     preferred_batch_sizes=[4],
                     faults=[{"kind": "hang", "seconds": 30, "marker": 777.0}],
-                    retry={"attempt_timeout_s": 2, "deadline_s": 5})
+                    retry={"attempt_timeout_s": 3, "deadline_s": 5})
     inputs, responses = _batch_of_four(router, marked=0)
     assert wait_until(lambda: any(r["faults_pending"] == [] for r in describe_all()), 5)
     responses[0].cancel()

@@ -118,7 +118,7 @@ def test_a_request_out_of_time_in_the_replica_queue_never_runs_and_models_do_not
     port: int, cache_dir: Path, other_model: str
 ) -> None:
     router = deploy(cache_dir, models=["tiny", other_model], replicas=1, pool_size=1,
-                    faults=[{"kind": "hang", "seconds": 4, "model": "tiny"}],
+                    faults=[{"kind": "hang", "seconds": 3, "model": "tiny"}],
                     retry={"attempt_timeout_s": 5, "deadline_s": 5})
     with ThreadPoolExecutor(4) as pool:
         hung = pool.submit(_call, router, "tiny", varied_inputs(1), 5)

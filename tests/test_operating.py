@@ -136,7 +136,8 @@ def port(dashboard_port: int) -> Iterator[int]:
 def traffic(port: int, cache_dir: Path) -> Traffic:
     # batch_size 1: every execution holds one request, so counts follow from the trails.
     router = deploy(cache_dir, models=[{"model": "tiny", "batch_size": 1}], replicas=2,
-                    retry={"deadline_s": 10})
+                    # The hung request below must be cancelled by its caller, never time out.
+                    retry={"deadline_s": 10, "attempt_timeout_s": 10})
     broken, flaky = sorted({r["replica_id"] for r in describe_all()})
     inject({"kind": "device"}, target=broken)
     inject({"kind": "context", "count": 2}, target=flaky)
