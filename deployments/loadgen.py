@@ -249,15 +249,20 @@ def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: st
 
     ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=False)
     cache: dict[tuple[str, int], list[Any]] = {}
+    # One event loop for every job: a handle whose router runs on its caller's loop (Serve's
+    # RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0, part of RAY_SERVE_THROUGHPUT_OPTIMIZED) is
+    # bound to the loop of its first call, and fails every call from a later one.
+    loop = asyncio.new_event_loop()
     while (job := conn.recv()) is not None:
         try:
             # Handle calls of every kind send the same arrays; each HTTP kind its own bodies.
             form = job.target.kind if job.target.kind in HTTP_KINDS else "arrays"
             key = (form, job.seed)
             requests = cache.get(key) or cache.setdefault(key, build_requests(job))
-            conn.send(asyncio.run(_drive(job, requests, conn, stop, affected)))
+            conn.send(loop.run_until_complete(_drive(job, requests, conn, stop, affected)))
         except Exception as exc:  # the parent raises it
             conn.send(exc)
+    loop.close()
     ray.shutdown()
 
 
