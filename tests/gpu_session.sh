@@ -23,6 +23,9 @@
 #                                       replacement of a replica broken by a real CUDA fault
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
+#   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED,
+#                                       with and without HAProxy) against the defaults, handle
+#                                       and HTTP binary at 64 and 256 callers
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -111,5 +114,17 @@ kills)
     --crash-kills 5 --recovery-limit-s 300 --generators 4 --ceiling-batch-sizes 32 \
     --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
   echo "kills rc=$?"
+  ;;
+modes)
+  # Ray reads these where it starts (the bench starts it): each variant is a run of its own.
+  for variant in "" "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" \
+                 "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --ha-proxy"; do
+    echo "== variant '$variant'" | tee -a "$OUT/modes.txt"
+    env=${variant%% --*}; flag=${variant#"$env"}
+    env $env timeout -k 10 180 $BENCH --concurrency 64 256 --seconds 6 --warmup-s 3 \
+      --batching on --modes handle "http binary" --no-peer --recovery-faults $flag \
+      --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
+      | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/modes.txt"
+  done
   ;;
 esac
