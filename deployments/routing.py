@@ -9,6 +9,9 @@ keyword arguments that the Router passes to ``choose_replica``:
 - ``ejected``: replica ids every request should avoid for a while (``policy.Ejections``),
   unless nothing else with room is left;
 - ``target``: a single replica id the request must go to (fault injection, diagnostics).
+  A target that this process's routers once listed and no longer do is gone for good
+  (Serve never reuses a replica id): the request fails at once with ReplicaFailure instead
+  of backing off until its caller's timeout.
 
 Among what is left it keeps the default's power of two choices (the base class then probes
 the two queue lengths and takes the shorter, or backs off when both are full).
@@ -30,7 +33,9 @@ from typing import Any
 from ray.serve._private.common import ReplicaID
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from .replica_set import publish
+from engines.errors import ReplicaFailure
+
+from .replica_set import gone, publish
 
 
 def eligible(
@@ -88,6 +93,17 @@ class AvoidFailedReplicasRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         kwargs = _routing_kwargs(pending_request)
+        target = kwargs.get("target")
+        if pending_request is not None and target is not None and gone(
+            self._deployment_id.app_name, self._deployment_id.name, target
+        ):
+            if not pending_request.future.done():
+                pending_request.future.set_exception(ReplicaFailure(
+                    f"replica {target} is gone (it died or was replaced)", replica_id=target))
+            # Returning nothing would keep Serve's routing task on this request (it chooses
+            # again, with or without backoff, until something comes back). Given candidates,
+            # it sees the request's future done and moves on before it picks any of them.
+            return [candidate_replicas[:1]]
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         available = self.select_available_replicas(candidate_replicas)
         chosen = eligible(
@@ -95,7 +111,7 @@ class AvoidFailedReplicasRouter(RequestRouter):
             [r.replica_id.unique_id for r in available],
             kwargs.get("exclude") or (),
             kwargs.get("ejected") or (),
-            kwargs.get("target"),
+            target,
         )
         if not chosen:
             if pending_request is not None:

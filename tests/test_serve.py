@@ -18,7 +18,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from engines import models
-from engines.errors import InvalidInput
+from engines.errors import InvalidInput, ReplicaFailure
 
 from .serving import (
     FaultAt,
@@ -103,6 +103,9 @@ def test_a_replica_crashing_mid_load_loses_no_request(http_port: int, cache_dir:
     assert fault.injected
     assert any(a["outcome"] == "ReplicaFailure" for t in trails for a in t)
     assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
+    # A call aimed at the dead replica fails, naming it, instead of waiting out its timeout.
+    with pytest.raises(ReplicaFailure, match=f"replica {victim} is gone"):
+        inject({"kind": "context"}, target=victim)
 
 
 def _post_tiny(port: int, timeout_s: float) -> requests.Response:
