@@ -51,7 +51,7 @@ def main() -> None:
                               and len(replica_ids()) == args.replicas, 120)
         print(json.dumps({
             "gpus": gpus, "replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica,
-            "victim": victim, "fault_injected": fault.injected is not None,
+            "victim": victim, "fault_injected": fault.injected,
             "requests": len(results),
             "failed": sum(isinstance(r, BaseException) for _, r in results),
             "replaced": replaced, "before": before, "after": _placements(),
