@@ -1,11 +1,11 @@
 """The engine replicas this process's request router knows, per deployment, and those it
 knew once.
 
-The request router (routing.py) publishes them at every update; the Router reads them to
-answer at once when a request's exclusions cover every live replica, and the request router
-to fail a call aimed at a replica that is gone. This lives apart from
-routing.py because Serve pickles the request router's module by value: state kept there
-would be a copy, not the process's own.
+The request router (routing.py) publishes them at every update. The Router reads them to
+answer at once when a request's exclusions cover every live replica; the request router, to
+fail a call aimed at a replica that is gone. This lives apart from routing.py because Serve
+pickles the request router's module by value: state kept there would be a copy, not the
+process's own.
 """
 
 from __future__ import annotations
