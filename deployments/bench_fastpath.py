@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from engines.models import DEFAULT_CACHE_DIR, resolve
 
 from .app import APP_NAME, build_app
 from .ceiling import Ceiling, measure_ceiling
+from .ingress import DEFAULT_INGRESS, Ingress, choose_ingress
 from .loadgen import Kind, LoadGenerator, Measurement, Target
 
 MODES: dict[str, Kind] = {"handle": "handle", "http binary": "http_binary",
@@ -75,7 +75,7 @@ class FastpathSetup:
     cuda_batch_buckets: bool = True  # the app's own default
     ort_threads: int | None = None  # the app's own default
     replica_sweep: tuple[int, ...] = ()  # engine replica counts to compare; () for none
-    ha_proxy: bool = False  # Serve's bundled HAProxy ingress instead of its Python proxy
+    ingress: Ingress = DEFAULT_INGRESS  # the one trtserve serve starts (ingress.py)
     batching: tuple[str, ...] = ("off", "on")
     modes: tuple[str, ...] = ("handle", "http binary", "http json")
     peer: bool = True
@@ -232,7 +232,7 @@ class FastpathResult:
             f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
             f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
             f"ort_threads {s.ort_threads if s.ort_threads is not None else 'default'}, "
-            f"ingress {'HAProxy' if s.ha_proxy else 'Serve proxy'}",
+            f"ingress {s.ingress}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
             self.ceiling.table(),
@@ -446,15 +446,12 @@ def _ceiling(setup: FastpathSetup) -> Ceiling:
 
 
 @contextmanager
-def _local_serve(ha_proxy: bool) -> Iterator[str]:
+def _local_serve(ingress: Ingress) -> Iterator[str]:
     """A private Ray cluster (never one already running here) with Serve's HTTP ingress on a
-    free port; yields its URL. ``ha_proxy``: Serve's bundled HAProxy, which forwards HTTP to
-    the Router replicas' own servers instead of through the Python proxy (it must be chosen
-    before the cluster starts: Serve reads it from its processes' environment)."""
+    free port; yields its URL."""
     import socket
 
-    if ha_proxy:
-        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    choose_ingress(ingress, private=True)
     # The replicas' logs stay in the session's log files: the terminal shows progress only.
     ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
@@ -479,7 +476,7 @@ def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathRe
     progress(f"  {ceiling.where}: best {ceiling.best.describe()}")
     batching = list(setup.batching)
     result = FastpathResult(setup, ceiling, batching, recovery_batching=batching[-1])
-    with _local_serve(setup.ha_proxy) as url:
+    with _local_serve(setup.ingress) as url:
         gpus = _gpus_per_replica(setup)
         address = ray.get_runtime_context().gcs_address
         with LoadGenerator(setup.generators, address) as gen:

