@@ -6,8 +6,8 @@
 #   bash tests/gpu_session.sh tests     the GPU tests, and the first minute with and without
 #                                       the CUDA warm-up of every batch size
 #   bash tests/gpu_session.sh bench     trtserve bench fastpath, the full sweep, on resnet50
-#   bash tests/gpu_session.sh ingress   HTTP through Serve's proxy against its HAProxy, and
-#                                       one Router against the default (auto)
+#   bash tests/gpu_session.sh ingress   HTTP through Serve's Python proxy against its HAProxy
+#                                       (the default), and one Router against the default (auto)
 #   bash tests/gpu_session.sh load      the GPU tests; then handle calls at 256 callers from 4
 #                                       and from 8 generator processes (is the generator the
 #                                       limit?), and with 8 Routers
@@ -23,9 +23,12 @@
 #                                       replacement of a replica broken by a real CUDA fault
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
-#   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED,
-#                                       with and without HAProxy) against the defaults, handle
+#   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)
+#                                       and its two ingresses, HAProxy and the Python proxy: handle
 #                                       and HTTP binary at 64 and 256 callers
+#   bash tests/gpu_session.sh defaults  the shipped defaults (HAProxy, batching on) by handle,
+#                                       HTTP binary and JSON at 1, 64 and 256 callers, the peer,
+#                                       and recovery from context faults, written as docs
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -51,7 +54,7 @@ bench)
   echo "bench rc=$?"
   ;;
 ingress)
-  for variant in "--ha-proxy" "--router-replicas 1"; do
+  for variant in "--ingress proxy" "--router-replicas 1"; do
     timeout -k 10 270 $BENCH --concurrency 64 256 --seconds 6 --batching on \
       --modes handle "http binary" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
       --ceiling-threads 4 --ceiling-seconds 2 $variant 2>&1 | tee -a "$OUT/ingress.txt"
@@ -115,13 +118,21 @@ kills)
     --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
   echo "kills rc=$?"
   ;;
+defaults)
+  timeout -k 10 500 $BENCH --concurrency 1 64 256 --seconds 4 --warmup-s 2 --generators 4 \
+    --batching on --recovery-concurrency 64 --recovery-faults context --context-requests 200 \
+    --recovery-limit-s 30 --ceiling-batch-sizes 1 32 --ceiling-threads 1 4 --ceiling-seconds 2 \
+    --plot-dir "$OUT" --write-docs "$OUT/benchmarks.md" --machine "$MACHINE" 2>&1 \
+    | tee "$OUT/defaults.txt"
+  echo "defaults rc=$?"
+  ;;
 modes)
   # Ray reads these where it starts (the bench starts it): each variant is a run of its own.
-  for variant in "" "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" \
-                 "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --ha-proxy"; do
+  for variant in " --ingress proxy" "" "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 --ingress proxy" \
+                 "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"; do
     echo "== variant '$variant'" | tee -a "$OUT/modes.txt"
     env=${variant%% --*}; flag=${variant#"$env"}
-    env $env timeout -k 10 180 $BENCH --concurrency 64 256 --seconds 6 --warmup-s 3 \
+    env $env timeout -k 10 140 $BENCH --concurrency 64 256 --seconds 6 --warmup-s 3 \
       --batching on --modes handle "http binary" --no-peer --recovery-faults $flag \
       --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
       | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/modes.txt"
