@@ -74,6 +74,7 @@ class FastpathSetup:
     router_replicas: str | int = "auto"  # the app's own default
     cuda_batch_buckets: bool = True  # the app's own default
     ort_threads: int | None = None  # the app's own default
+    pool_size: int | None = None  # the app's own default
     replica_sweep: tuple[int, ...] = ()  # engine replica counts to compare; () for none
     ingress: Ingress = DEFAULT_INGRESS  # the one trtserve serve starts (ingress.py)
     batching: tuple[str, ...] = ("off", "on")
@@ -232,6 +233,7 @@ class FastpathResult:
             f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
             f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
             f"ort_threads {s.ort_threads if s.ort_threads is not None else 'default'}, "
+            f"pool_size {s.pool_size if s.pool_size is not None else 'default'}, "
             f"ingress {s.ingress}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
@@ -286,6 +288,7 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
         "router_replicas": setup.router_replicas, "cuda_batch_buckets": setup.cuda_batch_buckets,
         "ort_threads": setup.ort_threads,
+        **({} if setup.pool_size is None else {"pool_size": setup.pool_size}),
         "batch_size": setup.batch_size if batching == "on" else 1,
         "max_queue_delay_us": setup.max_queue_delay_us,
         "preferred_batch_sizes": list(setup.preferred_batch_sizes),

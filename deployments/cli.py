@@ -393,6 +393,8 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--ort-threads", type=int,
                    help="the app's ort_threads: ONNX Runtime intra-op threads per session "
                         "(default: the app's, 1 on the CUDA provider, ONNX Runtime's on the CPU)")
+    p.add_argument("--pool-size", type=int,
+                   help="the app's pool_size: contexts per model per replica (default: the app's)")
     p.add_argument("--replica-sweep", type=int, nargs="+",
                    help="also deploy trtserve with each of these engine replica counts "
                         "(batching as the last --batching setting; each replica gets the "
