@@ -4,8 +4,8 @@ plain Ray Serve with ``@serve.batch``, side by side in one run.
 Order of a run (``run_fastpath``):
 
 1. the ceiling (ceiling.py), in a spawned process before Ray starts;
-2. a private local Ray cluster with Serve's HTTP proxy on a free port, and the spawned load
-   generator processes (loadgen.py);
+2. a private local Ray cluster with Serve's HTTP ingress (HAProxy by default) on a free
+   port, and the spawned load generator processes (loadgen.py);
 3. per batching setting (off, on): trtserve deployed,
    then every (concurrency, mode) load point; with batching off also a direct handle to
    EngineReplica for the per-hop breakdown; with the last setting the recovery runs
@@ -40,8 +40,9 @@ from engines.models import DEFAULT_CACHE_DIR, resolve
 
 from .app import APP_NAME, build_app
 from .ceiling import Ceiling, measure_ceiling
-from .ingress import DEFAULT_INGRESS, Ingress, choose_ingress
+from .ingress import DEFAULT_INGRESS, Ingress
 from .loadgen import Kind, LoadGenerator, Measurement, Target
+from .local_cluster import start_private_ray
 
 MODES: dict[str, Kind] = {"handle": "handle", "http binary": "http_binary",
                          "http json": "http_json"}
@@ -161,7 +162,7 @@ class FastpathResult:
              "one Serve hop: handle routing, serialization, replica queue and thread"),
         ]
         hops = (("handle", "the Router: validation, attempt loop, a second Serve hop"),
-                ("http binary", "HTTP: Serve's proxy and the binary codec instead of a handle"),
+                ("http binary", "HTTP: Serve's ingress and the binary codec instead of a handle"),
                 ("http json", "JSON instead of binary tensor data"))
         for mode, cost in hops:
             m = self.points[(mode, "off", c)]
@@ -454,10 +455,9 @@ def _local_serve(ingress: Ingress) -> Iterator[str]:
     free port; yields its URL."""
     import socket
 
-    choose_ingress(ingress, private=True)
     # The replicas' logs stay in the session's log files: the terminal shows progress only.
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False)
+    start_private_ray(ingress, include_dashboard=False, logging_level=logging.WARNING,
+                      log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deployment
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

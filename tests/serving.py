@@ -17,7 +17,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.app import APP_NAME, build_app
-from deployments.ingress import DEFAULT_INGRESS, choose_ingress
+from deployments.ingress import DEFAULT_INGRESS
+from deployments.local_cluster import start_private_ray
 
 X = {"x": np.ones((2, 16), np.float32)}
 
@@ -32,21 +33,9 @@ def free_port() -> int:
 def local_serve(num_gpus: int = 0, dashboard_port: int | None = None) -> Iterator[int]:
     """A Ray cluster of this process's own with Serve's HTTP ingress (the shipped default) on
     a free port; with a dashboard (which the ``serve`` CLI talks to) when given its port."""
-    choose_ingress(DEFAULT_INGRESS, private=True)
-    for attempt in (1, 2):
-        try:
-            # address="local": never attach to another cluster running on this machine.
-            ray.init(address="local", num_cpus=4, num_gpus=num_gpus,
-                     include_dashboard=dashboard_port is not None,
-                     dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
-            break
-        except Exception as exc:
-            # Seen once on the 2-core machine: the raylet of a new cluster never started
-            # (no log of its own; Ray gave up after 30 s). Starting again is what a user
-            # would do; a second failure is reported.
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
-            ray.shutdown()
+    start_private_ray(DEFAULT_INGRESS, num_cpus=4, num_gpus=num_gpus,
+                      include_dashboard=dashboard_port is not None,
+                      dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -1,0 +1,55 @@
+"""The private cluster's start: the ingress is in the environment while Ray starts and gone
+after; a start-up timeout is tried once more, any other failure is not."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from deployments.ingress import DRAIN_ENV, HA_PROXY_ENV
+from deployments.local_cluster import start_private_ray
+
+# Ray's own words for the two start-up timeouts seen on the 2-core machine.
+RAYLET_TIMEOUT = "The current node timed out during startup. This could happen because ..."
+GCS_TIMEOUT = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_abc"
+
+
+class Starts:
+    """Stands in for ``ray.init`` only to count starts and see the environment of each; the
+    real start is what every integration test runs."""
+
+    def __init__(self, *failures: str) -> None:
+        self.failures = list(failures)
+        self.seen: list[dict[str, Any]] = []
+
+    def __call__(self, **init: Any) -> None:
+        self.seen.append({"init": init, "haproxy": os.environ.get(HA_PROXY_ENV),
+                          "drain": os.environ.get(DRAIN_ENV)})
+        if self.failures:
+            raise RuntimeError(self.failures.pop(0))
+
+
+@pytest.mark.parametrize("timeout", [RAYLET_TIMEOUT, GCS_TIMEOUT])
+def test_a_start_up_timeout_is_tried_once_more_in_the_ingress_environment(
+    timeout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(HA_PROXY_ENV, raising=False)
+    starts = Starts(timeout)
+    start_private_ray("haproxy", starts, num_cpus=4)
+    assert [s["haproxy"] for s in starts.seen] == ["1", "1"]
+    assert [s["drain"] for s in starts.seen] == ["1.0", "1.0"]
+    assert starts.seen[1]["init"] == {"address": "local", "num_cpus": 4}
+    assert HA_PROXY_ENV not in os.environ  # restored: a later cluster chooses again
+
+
+def test_a_second_timeout_and_any_other_failure_are_raised() -> None:
+    twice = Starts(GCS_TIMEOUT, GCS_TIMEOUT)
+    with pytest.raises(RuntimeError, match="gcs_server_port"):
+        start_private_ray("proxy", twice)
+    assert len(twice.seen) == 2 and twice.seen[0]["haproxy"] == "0"
+    other = Starts("address already in use")
+    with pytest.raises(RuntimeError, match="already in use"):
+        start_private_ray("haproxy", other)
+    assert len(other.seen) == 1
