@@ -68,7 +68,7 @@ def bind_router(args: AppArgs, engine: Application) -> Application:
         # Serve's default of 5 collapses throughput under concurrent callers; the router
         # only awaits replicas, so it can hold many requests at once.
         max_ongoing_requests=args.router_max_ongoing_requests,
-        # Over this, Serve's proxy answers 503 itself (a plain-text body; docs/protocol.md).
+        # Over this, Serve answers 503 itself (a plain-text body; docs/protocol.md).
         max_queued_requests=args.router_max_queued_requests,
         user_config=args.router_user_config(),
         logging_config={"enable_access_log": args.access_log},

@@ -63,7 +63,7 @@ class AppArgs(BaseModel):
     health_check_period_s: float = Field(default=2.0, gt=0)
     exit_after_device_failure_s: float = Field(default=0.5, ge=0)
     # Serve's own line per call in the Router's and every replica's log: off, because the
-    # proxy already logs each HTTP request, metrics count them, and the Router logs one JSON
+    # ingress already logs each HTTP request, metrics count them, and the Router logs one JSON
     # line for each request that retried or failed (docs/metrics.md).
     access_log: bool = False
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)

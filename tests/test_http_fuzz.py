@@ -42,7 +42,7 @@ NAN_EXAMPLES = 60
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP64", "BYTES", "BF16", "fp32", "FP32 ", "FLOAT", "", "STRING"]
 KNOWN_KEYS = {"id", "inputs", "outputs", "parameters", "name", "datatype", "shape", "data"}
-# The methods that reach the app at all; the Serve proxy's HTTP parser refuses other tokens.
+# The methods that reach the app at all; Serve's HTTP parser (in its ingress) refuses other tokens.
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "HEAD", "PROPFIND",
            "PURGE", "QUERY"]
 ROUTES: list[tuple[str, str]] = [  # (pattern on the decoded path, its one allowed method)
@@ -397,7 +397,7 @@ def unknown_path(draw: st.DrawFn) -> Hostile:
     trailing = draw(st.sampled_from(["", "/"]))
     path = "/" + "/".join(quote(s, safe="") for s in segments) + trailing
     decoded = unquote(path)
-    # /-/routes and /-/healthz are the Serve proxy's own (they answer 200 to any method).
+    # /-/routes and /-/healthz are Serve's own (they answer 200 to any method).
     if _on_a_route(decoded) or decoded.startswith("/-/"):
         path = "/nope" + path
     return Hostile("unknown path", draw(st.sampled_from(["GET", "POST"])), path, status=404)
@@ -405,7 +405,7 @@ def unknown_path(draw: st.DrawFn) -> Hostile:
 
 @st.composite
 def unknown_method(draw: st.DrawFn) -> Hostile:
-    """Tokens that are not HTTP methods: the Serve proxy's HTTP parser answers 400 itself."""
+    """Tokens that are not HTTP methods: Serve's HTTP parser answers 400 itself."""
     token = draw(st.from_regex(r"[A-Za-z]{1,10}", fullmatch=True).filter(
         lambda t: t.upper() not in {*METHODS, "CONNECT", "COPY", "LOCK", "MKCOL", "MOVE",
                                     "PROPPATCH", "SEARCH", "UNLOCK", "BIND", "REBIND",
@@ -433,10 +433,10 @@ def _check(reply: requests.Response, h: Hostile) -> str:
     """Assert the answer; return the key it is counted under."""
     assert reply.status_code == h.status, (h.kind, h.method, h.path, reply.text[:500])
     if h.kind == "unknown method":
-        # The Serve proxy (uvicorn's HTTP parser) refuses the request line before any of our
+        # Serve's HTTP layer (uvicorn's HTTP parser) refuses the request line before any of our
         # code runs, in plain text.
         assert reply.headers["content-type"].startswith("text/plain")
-        return f"{reply.status_code} (Serve proxy, plain text)"
+        return f"{reply.status_code} (Serve, plain text)"
     assert reply.headers["content-type"] == "application/json", h.kind
     if h.method == "HEAD":  # HTTP sends no body in answer to HEAD
         return f"{reply.status_code} (HEAD, no body)"
