@@ -10,7 +10,6 @@ docs/benchmarks.md, "HAProxy as the default ingress").
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal, get_args
@@ -21,20 +20,6 @@ DEFAULT_INGRESS: Ingress = "haproxy"
 HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 PRIVATE_DRAIN_S = 1.0
-# Ports Serve gives fixed numbers behind HAProxy (the fallback proxy's, HAProxy's stats and
-# metrics): a private cluster takes free ones, so that it can run beside a real server.
-FIXED_PORT_ENVS = (
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-    "RAY_SERVE_HAPROXY_STATS_PORT",
-    "RAY_SERVE_HAPROXY_METRICS_PORT",
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager
@@ -45,15 +30,15 @@ def ingress_env(ingress: Ingress, *, private: bool = False) -> Iterator[None]:
     Behind HAProxy a Router replica that is shut down (a redeploy, ``serve.delete``) stays
     reachable for Serve's 30 s so that outside load balancers can stop sending to it.
     ``private``: a cluster that only its own HAProxy fronts (a benchmark's, a test's), which
-    reloads at once and retries a refused connection elsewhere, so 1 s is enough there; its
-    fixed ports become free ones.
+    reloads at once and retries a refused connection elsewhere, so 1 s is enough there. Its
+    ports stay Serve's fixed ones (README, "HTTP ingress"): free ones picked here were taken
+    by Ray's own processes before HAProxy bound them, and HAProxy failed to start.
     """
     if ingress not in INGRESSES:
         raise ValueError(f"unknown ingress '{ingress}'; choose one of {', '.join(INGRESSES)}")
     chosen = {HA_PROXY_ENV: "1" if ingress == "haproxy" else "0"}
     if private:
         chosen[DRAIN_ENV] = str(PRIVATE_DRAIN_S)
-        chosen.update({name: str(_free_port()) for name in FIXED_PORT_ENVS})
     saved = {name: os.environ.get(name) for name in chosen}
     os.environ.update(chosen)
     try:
