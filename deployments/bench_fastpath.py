@@ -42,7 +42,7 @@ from .app import APP_NAME, build_app
 from .ceiling import Ceiling, measure_ceiling
 from .ingress import DEFAULT_INGRESS, Ingress
 from .loadgen import Kind, LoadGenerator, Measurement, Target
-from .local_cluster import start_private_ray
+from .local_cluster import private_serve
 
 MODES: dict[str, Kind] = {"handle": "handle", "http binary": "http_binary",
                          "http json": "http_json"}
@@ -453,21 +453,11 @@ def _ceiling(setup: FastpathSetup) -> Ceiling:
 def _local_serve(ingress: Ingress) -> Iterator[str]:
     """A private Ray cluster (never one already running here) with Serve's HTTP ingress on a
     free port; yields its URL."""
-    import socket
-
     # The replicas' logs stay in the session's log files: the terminal shows progress only.
-    start_private_ray(ingress, include_dashboard=False, logging_level=logging.WARNING,
-                      log_to_driver=False)
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deployment
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with private_serve(ingress, include_dashboard=False, logging_level=logging.WARNING,
+                       log_to_driver=False) as port:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO line per deployment
         yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def run_fastpath(setup: FastpathSetup, progress: Progress = print) -> FastpathResult:

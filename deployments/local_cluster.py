@@ -9,10 +9,13 @@ a second failure is raised.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import ray
+from ray import serve
 
 from .ingress import Ingress, ingress_env
 
@@ -33,3 +36,23 @@ def start_private_ray(ingress: Ingress, start: Callable[..., Any] = ray.init,
             if attempt == 2 or not any(text in str(exc) for text in START_TIMEOUTS):
                 raise
             ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def private_serve(ingress: Ingress, **init: Any) -> Iterator[int]:
+    """A private cluster (``start_private_ray``) with Serve's HTTP ingress on a free port of
+    127.0.0.1; yields the port. Serve and Ray are shut down after."""
+    start_private_ray(ingress, **init)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,31 +17,19 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.app import APP_NAME, build_app
 from deployments.ingress import DEFAULT_INGRESS
-from deployments.local_cluster import start_private_ray
+from deployments.local_cluster import private_serve
 
 X = {"x": np.ones((2, 16), np.float32)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
 def local_serve(num_gpus: int = 0, dashboard_port: int | None = None) -> Iterator[int]:
     """A Ray cluster of this process's own with Serve's HTTP ingress (the shipped default) on
     a free port; with a dashboard (which the ``serve`` CLI talks to) when given its port."""
-    start_private_ray(DEFAULT_INGRESS, num_cpus=4, num_gpus=num_gpus,
-                      include_dashboard=dashboard_port is not None,
-                      dashboard_host="127.0.0.1", dashboard_port=dashboard_port)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with private_serve(DEFAULT_INGRESS, num_cpus=4, num_gpus=num_gpus,
+                       include_dashboard=dashboard_port is not None,
+                       dashboard_host="127.0.0.1", dashboard_port=dashboard_port) as port:
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @contextmanager

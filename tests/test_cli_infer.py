@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .serving import free_port, replica_ids, served
+from deployments.local_cluster import free_port
+
+from .serving import replica_ids, served
 
 pytestmark = pytest.mark.integration
 

@@ -24,10 +24,11 @@ import requests
 from ray import serve
 
 from deployments.app import APP_NAME
+from deployments.local_cluster import free_port
 from deployments.metrics import RELABEL_REGEX, SPECS
 from engines.errors import DeadlineExceeded
 
-from .serving import deploy, describe_all, free_port, inject, local_serve, varied_inputs, wait_until
+from .serving import deploy, describe_all, inject, local_serve, varied_inputs, wait_until
 
 pytestmark = pytest.mark.integration
 
