@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from deployments.ingress import DRAIN_ENV, HA_PROXY_ENV
-
-from .serving import free_port
+from deployments.local_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -37,12 +36,13 @@ except ConnectionError:
 """
 
 
-def _start(cache_dir: Path, port: int) -> subprocess.Popen[str]:
+def _start(cache_dir: Path, port: int, *flags: str) -> subprocess.Popen[str]:
     # Not what other tests chose for their own clusters: the ingress must be the command's.
     env = {k: v for k, v in os.environ.items() if k not in (HA_PROXY_ENV, DRAIN_ENV)}
     return subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "--cache-dir", str(cache_dir), "serve",
-         "--model", "tiny", "--replicas", "1", "--cpus-per-replica", "0", "--port", str(port)],
+         "--model", "tiny", "--replicas", "1", "--cpus-per-replica", "0", "--port", str(port),
+         *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,6 +93,14 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
         assert "HAProxyManager" in joined
         haproxy = _haproxy_pids()
         assert haproxy, "no haproxy process while the command serves"
+        # A second command joins this cluster, whose ingress it cannot change: it says so.
+        # It is stopped before it deploys anything.
+        joiner = _start(cache_dir, free_port(), "--ingress", "proxy")
+        try:
+            _read_until(joiner, "--ingress proxy is ignored", 120)
+        finally:
+            os.killpg(joiner.pid, signal.SIGKILL)
+            joiner.wait(30)
         if how == "SIGTERM":
             proc.send_signal(signal.SIGTERM)
         else:  # a terminal's Ctrl-C reaches the whole foreground process group
