@@ -35,7 +35,8 @@ pytestmark = pytest.mark.integration
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-REQUESTS = 30
+REQUESTS = 30  # at least; more until one has met the device fault (see ``traffic``)
+MAX_REQUESTS = 300
 HTTP_EVERY = 6  # every sixth request goes over HTTP (decode/encode times, the protocol's id)
 
 
@@ -75,7 +76,7 @@ def _bucket(samples: list[Sample], histogram: str, le: float) -> float:
 
 @dataclass
 class Traffic:
-    trails: list[list[dict[str, Any]]]  # of the requests that succeeded
+    trails: list[list[dict[str, Any]]]  # of the requests that succeeded, one per request sent
     http_ids: list[str]
     samples: list[Sample]
     log_lines: list[dict[str, Any]]
@@ -142,8 +143,18 @@ def traffic(port: int, cache_dir: Path) -> Traffic:
     broken, flaky = sorted({r["replica_id"] for r in describe_all()})
     inject({"kind": "device"}, target=broken)
     inject({"kind": "context", "count": 2}, target=flaky)
-    trails, http_ids = [], []
-    for i in range(REQUESTS):
+    trails: list[list[dict[str, Any]]] = []
+    http_ids: list[str] = []
+
+    def met_device_fault() -> bool:
+        return any(e["outcome"] == "DeviceFailure" for t in trails for e in t)
+
+    # Serve spreads calls at random, but a Router may not list a new replica yet when the
+    # first calls leave (seen once in CI: 30 calls, none on the broken replica), so traffic
+    # goes on until one has met the device fault.
+    for i in range(MAX_REQUESTS):
+        if i >= REQUESTS and met_device_fault():
+            break
         inputs = varied_inputs(i)
         if i % HTTP_EVERY == 0:
             http_ids.append(f"client-{i}")
@@ -163,7 +174,7 @@ def traffic(port: int, cache_dir: Path) -> Traffic:
         nonlocal samples
         samples = scrape()
         return (total(samples, "trtserve_requests", outcome="cancelled") == 1
-                and total(samples, "nv_inference_request_success") == REQUESTS
+                and total(samples, "nv_inference_request_success") == len(trails)
                 and total(samples, "trtserve_context_swaps") == swaps
                 and total(samples, "trtserve_replica_gpu") >= 2)
 
@@ -194,15 +205,16 @@ def test_metrics_count_what_the_traffic_did(traffic: Traffic) -> None:
     s, trails = traffic.samples, traffic.trails
     entries = [e for t in trails for e in t]
     outcomes = Counter(e["outcome"] for e in entries)
+    sent = len(trails)
     assert outcomes["ContextFailure"] == 2 and outcomes["DeviceFailure"] >= 1, outcomes
-    assert outcomes["ok"] == REQUESTS
+    assert outcomes["ok"] == sent >= REQUESTS
 
     # Requests, by Triton's names and ours.
-    assert total(s, "nv_inference_request_success", model="tiny", version="1") == REQUESTS
+    assert total(s, "nv_inference_request_success", model="tiny", version="1") == sent
     assert total(s, "nv_inference_request_failure", reason="DEADLINE") == 2
     assert total(s, "nv_inference_request_failure", reason="CANCELED") == 1
     assert total(s, "nv_inference_request_failure") == 3
-    assert total(s, "trtserve_requests", outcome="ok") == REQUESTS
+    assert total(s, "trtserve_requests", outcome="ok") == sent
     assert total(s, "trtserve_requests", outcome="DeadlineExceeded") == 2
     assert total(s, "trtserve_requests", outcome="cancelled") == 1
     assert total(s, "nv_inference_pending_request_count") == 0
@@ -225,12 +237,12 @@ def test_metrics_count_what_the_traffic_did(traffic: Traffic) -> None:
         assert zero in {x.name for x in s} and total(s, zero) == 0, zero
 
     # Executions, rows and times.
-    assert total(s, "nv_inference_exec_count") == REQUESTS
-    assert total(s, "nv_inference_count") == 2 * REQUESTS
+    assert total(s, "nv_inference_exec_count") == sent
+    assert total(s, "nv_inference_count") == 2 * sent
     # Every execution held 2 rows (Ray's histogram _sum is approximate: buckets, not sums).
-    assert total(s, "trtserve_batch_size_count") == REQUESTS
-    assert _bucket(s, "trtserve_batch_size", 2) - _bucket(s, "trtserve_batch_size", 1) == REQUESTS
-    assert total(s, "trtserve_request_duration_ms_count") == REQUESTS
+    assert total(s, "trtserve_batch_size_count") == sent
+    assert _bucket(s, "trtserve_batch_size", 2) - _bucket(s, "trtserve_batch_size", 1) == sent
+    assert total(s, "trtserve_request_duration_ms_count") == sent
     for name in ("request", "queue", "compute_infer", "compute_input", "compute_output"):
         assert total(s, f"nv_inference_{name}_duration_us") > 0, name
 
