@@ -106,6 +106,9 @@ class ModelRunner:
         self.engine = engine
         self.pool = ContextPool(engine, size=pool_size, spares=spares)
         self.replica = replica
+        # time.monotonic() of the last execution that returned outputs: the health check
+        # needs no canary while requests prove the device works.
+        self.last_ok: float | None = None
 
     @property
     def name(self) -> str:
@@ -194,6 +197,7 @@ class ModelRunner:
         try:
             outputs = context.execute(inputs)
             keep = True
+            self.last_ok = time.monotonic()
             return outputs
         except InvalidInput:
             keep = True  # the model rejected the input; the context is fine

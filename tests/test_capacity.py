@@ -197,6 +197,19 @@ def test_a_device_failure_in_one_model_stops_every_model(core: ReplicaCore) -> N
         core.check_health()
 
 
+def test_the_canary_runs_only_when_no_request_succeeded_within_a_period(
+    core: ReplicaCore,
+) -> None:
+    engine = core.runners["tiny"].engine.inner
+    core.check_health()
+    assert engine.executed == 1  # idle: the canary
+    core.infer("tiny", X, local_retries=0)
+    core.check_health()
+    assert engine.executed == 2  # the request is the proof
+    core.check_health(now=time.monotonic() + 1.5)  # a period without requests
+    assert engine.executed == 3
+
+
 def test_a_canary_that_fails_once_is_retried_on_a_fresh_context(core: ReplicaCore) -> None:
     canary_engine = core.runners["tiny"].engine.inner
     canary_engine.execute_error = lambda: ContextFailure("flaky")
