@@ -397,9 +397,11 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
                    "model sees every batch size")
     p.add_argument("--ort-threads", type=int,
                    help="the app's ort_threads: ONNX Runtime intra-op threads per session "
-                        "(default: the app's, 1 on the CUDA provider, ONNX Runtime's on the CPU)")
+                        "(default: the app's, 1 on the CUDA provider; on the CPU the cores "
+                        "divided by replicas x pool_size)")
     p.add_argument("--pool-size", type=int,
-                   help="the app's pool_size: contexts per model per replica (default: the app's)")
+                   help="the app's pool_size: contexts per model per replica (default: the "
+                        "app's auto, 4 with a GPU and 1 on the CPU)")
     p.add_argument("--replica-sweep", type=int, nargs="+",
                    help="also deploy trtserve with each of these engine replica counts "
                         "(batching as the last --batching setting; each replica gets the "

@@ -54,7 +54,7 @@ class AppArgs(BaseModel):
     ort_threads: int | None = Field(default=None, ge=1)
     ort_allow_spinning: bool = False
     cuda_batch_buckets: bool = True
-    pool_size: int = Field(default=4, ge=1)
+    pool_size: Literal["auto"] | int = "auto"
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)
     engine_max_queued_requests: int = Field(default=64, ge=1)
@@ -84,6 +84,13 @@ class AppArgs(BaseModel):
     def _routers(cls, value: str | int) -> str | int:
         if value != "auto" and int(value) < 1:
             raise ValueError("router_replicas must be 'auto' or a number >= 1")
+        return value
+
+    @field_validator("pool_size")
+    @classmethod
+    def _pool(cls, value: str | int) -> str | int:
+        if value != "auto" and int(value) < 1:
+            raise ValueError("pool_size must be 'auto' or a number >= 1")
         return value
 
     @field_validator("gpus_per_replica")
@@ -123,6 +130,7 @@ class AppArgs(BaseModel):
             "models": [m.model_dump() for m in self.model_list()],
             "backend": self.backend,
             "pool_size": self.pool_size,
+            "replicas": self.replicas,
             "spares": self.spares,
             "cache_dir": self.cache_dir,
             "exit_after_device_failure_s": self.exit_after_device_failure_s,

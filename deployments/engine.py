@@ -64,6 +64,28 @@ def batch_buckets(batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {batch_size}))
 
 
+GPU_POOL_SIZE = 4
+
+
+def execution_layout(pool_size: str | int, ort_threads: int | None, replicas: int,
+                     gpu_visible: bool, cores: int) -> tuple[int, int | None]:
+    """Contexts per model, and ONNX Runtime intra-op threads per session, where the app
+    left them to trtserve (``pool_size`` "auto", ``ort_threads`` None).
+
+    With a GPU, several contexts overlap one execution's host work with another's device
+    work; the threads stay the backend's (one on the CUDA provider). On the CPU an
+    execution already spreads over its intra-op threads and concurrent ones only share
+    the same cores, so a replica runs one execution at a time and the machine's cores are
+    split among the executions the app's replicas run at once (on the 2-core machine this
+    served resnet50 at 0.70-0.79x of the engine's ceiling, against 0.61-0.62x with four
+    contexts of ONNX Runtime's default threads: docs/benchmarks.md)."""
+    if gpu_visible:
+        return (GPU_POOL_SIZE if pool_size == "auto" else int(pool_size)), ort_threads
+    pool = 1 if pool_size == "auto" else int(pool_size)
+    threads = ort_threads if ort_threads is not None else max(1, cores // (replicas * pool))
+    return pool, threads
+
+
 def warm_up(engine: Engine, context: Context, buckets: tuple[int, ...]) -> None:
     """Run each bucket's session once before any request: a session's first run of a shape
     pays cuDNN's algorithm search (hundreds of ms on the CUDA provider)."""
@@ -87,7 +109,10 @@ class ReplicaCore:
         self.runners: dict[str, ModelRunner] = {}
         self.versions: dict[str, str] = {}
         self.batching: dict[str, dict[str, Any]] = {}
-        self.concurrency = int(config["pool_size"])
+        gpu_visible = visible_device_count() > 0
+        self.concurrency, threads = execution_layout(
+            config["pool_size"], config["ort_threads"], int(config["replicas"]), gpu_visible,
+            len(os.sched_getaffinity(0)))
         self._canaries: dict[str, Context] = {}
         self._short_since: dict[str, float] = {}
         origins: dict[str, str] = {}
@@ -104,18 +129,18 @@ class ReplicaCore:
                 # ONNX Runtime's CUDA provider is slow whenever a session's input shape
                 # changes: each batch bucket gets a session of its own (LoadOptions).
                 buckets = (batch_buckets(int(entry.get("batch_size", 1)))
-                           if config["cuda_batch_buckets"] and visible_device_count() > 0
+                           if config["cuda_batch_buckets"] and gpu_visible
                            else ())
                 options = LoadOptions(
                     max_batch=entry.get("max_batch"), cache_dir=cache_dir,
-                    threads=config["ort_threads"],
+                    threads=threads,
                     allow_spinning=config["ort_allow_spinning"],
                     batch_buckets=buckets,
                 )
                 engine = load_engine(source, config["backend"], options)
                 self.runners[source.name] = ModelRunner(
                     FaultyEngine(engine, self.injector),
-                    pool_size=config["pool_size"],
+                    pool_size=self.concurrency,
                     spares=config["spares"],
                     replica=replica_id,
                 )
@@ -290,10 +315,10 @@ class EngineReplica:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.exit_after_s = float(config["exit_after_device_failure_s"])
         self.core = ReplicaCore(config, self.replica_id)
-        self.limits = {name: asyncio.Semaphore(config["pool_size"]) for name in self.core.runners}
-        self.executor = ThreadPoolExecutor(
-            config["pool_size"] * len(self.core.runners), thread_name_prefix="infer"
-        )
+        pool = self.core.concurrency
+        self.limits = {name: asyncio.Semaphore(pool) for name in self.core.runners}
+        self.executor = ThreadPoolExecutor(pool * len(self.core.runners),
+                                           thread_name_prefix="infer")
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
         self._exiting = False
         self.metrics = ReplicaMetrics(self.core.runners, device_report())

@@ -176,7 +176,7 @@ def core(cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Re
     monkeypatch.setattr(engine_module, "load_engine",
                         lambda *a, **k: Breakable(real(*a, **k)))
     config = {"models": [{"model": "tiny"}, {"model": str(second)}], "backend": "onnxruntime",
-              "pool_size": 2, "spares": 0, "cache_dir": str(cache_dir),
+              "pool_size": 2, "replicas": 1, "spares": 0, "cache_dir": str(cache_dir),
               "health_check_period_s": 1.0, "ort_threads": None, "ort_allow_spinning": False,
               "cuda_batch_buckets": True}
     made = ReplicaCore(config, "r1")
