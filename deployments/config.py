@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from engines.backend import BACKENDS
 from engines.faults import Fault
@@ -79,18 +79,11 @@ class AppArgs(BaseModel):
             raise ValueError(f"unknown backend '{value}'; choose one of {', '.join(BACKENDS)}")
         return value
 
-    @field_validator("router_replicas")
+    @field_validator("router_replicas", "pool_size")
     @classmethod
-    def _routers(cls, value: str | int) -> str | int:
+    def _auto_or_count(cls, value: str | int, info: ValidationInfo) -> str | int:
         if value != "auto" and int(value) < 1:
-            raise ValueError("router_replicas must be 'auto' or a number >= 1")
-        return value
-
-    @field_validator("pool_size")
-    @classmethod
-    def _pool(cls, value: str | int) -> str | int:
-        if value != "auto" and int(value) < 1:
-            raise ValueError("pool_size must be 'auto' or a number >= 1")
+            raise ValueError(f"{info.field_name} must be 'auto' or a number >= 1")
         return value
 
     @field_validator("gpus_per_replica")
