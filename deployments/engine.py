@@ -77,8 +77,8 @@ def execution_layout(pool_size: str | int, ort_threads: int | None, replicas: in
     execution already spreads over its intra-op threads and concurrent ones only share
     the same cores, so a replica runs one execution at a time and the machine's cores are
     split among the executions the app's replicas run at once (on the 2-core machine this
-    served resnet50 at 0.70-0.79x of the engine's ceiling, against 0.61-0.62x with four
-    contexts of ONNX Runtime's default threads: docs/benchmarks.md)."""
+    served resnet50 over HTTP binary at 0.83-0.86x of the engine's ceiling, against
+    0.72-0.75x with four contexts of ONNX Runtime's default threads: docs/benchmarks.md)."""
     if gpu_visible:
         return (GPU_POOL_SIZE if pool_size == "auto" else int(pool_size)), ort_threads
     pool = 1 if pool_size == "auto" else int(pool_size)
