@@ -26,7 +26,7 @@ from engines.errors import PoisonInput, ReplicaFailure, TrtServeError
 from engines.runner import Attempt
 
 from . import metrics
-from .batcher import Batcher, Pending, concatenate, own_request, split
+from .batcher import Batcher, Pending, concatenate, own_request, router_slots, split
 from .catalogue import ModelInfo
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
 from .ray_errors import FailedAttempt, failed_attempt, outcome
@@ -49,6 +49,9 @@ class AttemptLoop:
         self.ejections = Ejections()
         self.poisoned = PoisonedInputs()
         self.metrics = metrics.RouterMetrics()
+        # The Router's deployment sets both (batcher.router_slots).
+        self.routers = 1
+        self.batches_in_flight: str | int = "auto"
         self._batchers: dict[str, Batcher] = {}
 
     def reconfigure(self, policy: RetryPolicy) -> None:
@@ -111,7 +114,8 @@ class AttemptLoop:
             batcher = Batcher(
                 info.name,
                 info.batching,
-                lambda: len(self.live() or ("one",)) * info.concurrency,
+                lambda: router_slots(len(self.live() or ("one",)) * info.concurrency,
+                                     self.routers, self.batches_in_flight),
                 functools.partial(self._batch, info.name),
             )
             self._batchers[info.name] = batcher

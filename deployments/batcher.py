@@ -4,8 +4,8 @@ costs are paid per batch, not per request.
 
 ``Batcher`` is plain asyncio (no Ray): requests queue per shape (the non-batch dimensions and
 dtypes of every input: requests that differ are never mixed) and leave in batches of at most
-``batch_size`` rows whenever one of the model's ``slots`` is free (a slot is one execution
-in flight: live replicas x contexts per replica). So a lone request leaves at once, and
+``batch_size`` rows whenever one of the model's ``slots`` is free (a slot is one batch in
+flight from this Router; ``router_slots``). So a lone request leaves at once, and
 under load requests gather while the slots are busy. ``max_queue_delay_us`` > 0 holds a
 batch back, for at most that long, until it reaches the largest preferred size (or
 ``batch_size``). A request whose deadline passes in the queue is answered DeadlineExceeded
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -28,6 +29,22 @@ from engines.errors import DeadlineExceeded
 from engines.spec import IOSpec
 
 Key = tuple[tuple[str, str, tuple[int, ...]], ...]
+# Batches each context has coming from all the Routers together under
+# ``router_batches_in_flight: auto``. More only wait in the replica: with 4 Routers on an
+# H100, two per context served 982-1,452 req/s where one served 1,452; with 8 Routers
+# 1,858 against 1,987; with 12, 1,877 against 2,277 (docs/benchmarks.md).
+SLOTS_PER_CONTEXT = 1
+
+
+def router_slots(contexts: int, routers: int, setting: str | int) -> int:
+    """How many batches of a model one Router keeps in flight. ``contexts``: the live
+    replicas' contexts for the model, which every Router shares. A Router counting them all
+    as its own would send ``routers`` times more batches than can run, each that much
+    smaller, and the hop to a replica and its execution are paid per batch. Rounded up: every
+    Router can send at least one."""
+    if setting != "auto":
+        return int(setting)
+    return max(1, math.ceil(contexts * SLOTS_PER_CONTEXT / max(1, routers)))
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ class FastpathSetup:
     cuda_batch_buckets: bool = True  # the app's own default
     ort_threads: int | None = None  # the app's own default
     pool_size: int | None = None  # the app's own default
+    router_batches_in_flight: str | int = "auto"  # the app's own default
     replica_sweep: tuple[int, ...] = ()  # engine replica counts to compare; () for none
     ingress: Ingress = DEFAULT_INGRESS  # the one trtserve serve starts (ingress.py)
     batching: tuple[str, ...] = ("off", "on")
@@ -235,7 +236,7 @@ class FastpathResult:
             f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
             f"ort_threads {s.ort_threads if s.ort_threads is not None else 'default'}, "
             f"pool_size {s.pool_size if s.pool_size is not None else 'default'}, "
-            f"ingress {s.ingress}",
+            f"router_batches_in_flight {s.router_batches_in_flight}, ingress {s.ingress}",
             f"ceiling: {self.ceiling.best.describe()}",
             "",
             self.ceiling.table(),
@@ -289,6 +290,7 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
         "router_replicas": setup.router_replicas, "cuda_batch_buckets": setup.cuda_batch_buckets,
         "ort_threads": setup.ort_threads,
+        "router_batches_in_flight": setup.router_batches_in_flight,
         **({} if setup.pool_size is None else {"pool_size": setup.pool_size}),
         "batch_size": setup.batch_size if batching == "on" else 1,
         "max_queue_delay_us": setup.max_queue_delay_us,

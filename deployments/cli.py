@@ -391,7 +391,7 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-replica", type=float,
                    help="default: the cluster's GPUs shared evenly, at most 1 each")
     p.add_argument("--router-replicas", type=_auto_or_int,
-                   help="the app's router_replicas (default: auto, one per 4 cores)")
+                   help="the app's router_replicas (default: auto, one per core beyond 4)")
     p.add_argument("--no-cuda-buckets", dest="cuda_batch_buckets", action="store_const",
                    const=False, help="deploy with cuda_batch_buckets off: one session per "
                    "model sees every batch size")
@@ -402,6 +402,10 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-size", type=int,
                    help="the app's pool_size: contexts per model per replica (default: the "
                         "app's auto, 4 with a GPU and 1 on the CPU)")
+    p.add_argument("--router-batches-in-flight", type=_auto_or_int,
+                   help="the app's router_batches_in_flight: batches of a model each Router "
+                        "keeps in flight (default: auto, one per context of the live replicas "
+                        "shared among the Routers)")
     p.add_argument("--replica-sweep", type=int, nargs="+",
                    help="also deploy trtserve with each of these engine replica counts "
                         "(batching as the last --batching setting; each replica gets the "

@@ -47,6 +47,7 @@ class AppArgs(BaseModel):
     cpus_per_replica: float = Field(default=0.5, ge=0)
     router_replicas: Literal["auto"] | int = "auto"
     router_cpus: float = Field(default=0.25, ge=0)
+    router_batches_in_flight: Literal["auto"] | int = "auto"
     max_batch: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
     max_queue_delay_us: int = Field(default=0, ge=0)
@@ -79,7 +80,7 @@ class AppArgs(BaseModel):
             raise ValueError(f"unknown backend '{value}'; choose one of {', '.join(BACKENDS)}")
         return value
 
-    @field_validator("router_replicas", "pool_size")
+    @field_validator("router_replicas", "pool_size", "router_batches_in_flight")
     @classmethod
     def _auto_or_count(cls, value: str | int, info: ValidationInfo) -> str | int:
         if value != "auto" and int(value) < 1:
@@ -137,11 +138,14 @@ class AppArgs(BaseModel):
         """What an EngineReplica takes live: its faults."""
         return {"faults": self.faults}
 
-    def router_user_config(self) -> dict[str, Any]:
+    def router_user_config(self, routers: int) -> dict[str, Any]:
         """What the Router takes live: the retry policy (local retries included: it sends
-        them with every attempt) and the body limits."""
+        them with every attempt), the body limits, and how many batches it keeps in flight,
+        which depends on how many ``routers`` share the replicas."""
         return {
             "retry": self.retry,
+            "routers": routers,
+            "batches_in_flight": self.router_batches_in_flight,
             "max_body_bytes": self.max_body_bytes,
             "max_json_body_bytes": self.max_json_body_bytes,
         }

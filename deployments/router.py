@@ -63,6 +63,8 @@ class Router:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.attempts.reconfigure(RetryPolicy.from_dict(user_config.get("retry")))
+        self.attempts.routers = int(user_config.get("routers", 1))
+        self.attempts.batches_in_flight = user_config.get("batches_in_flight", "auto")
         self.max_body_bytes = int(user_config.get("max_body_bytes", self.max_body_bytes))
         self.max_json_body_bytes = int(
             user_config.get("max_json_body_bytes", self.max_json_body_bytes)

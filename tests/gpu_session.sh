@@ -26,13 +26,16 @@
 #   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)
 #                                       and its two ingresses, HAProxy and the Python proxy: handle
 #                                       and HTTP binary at 64 and 256 callers
-#   bash tests/gpu_session.sh defaults  the shipped defaults (HAProxy, batching on) by handle,
-#                                       HTTP binary and JSON at 1, 64 and 256 callers, the peer,
+#   bash tests/gpu_session.sh slots     HTTP binary at 64 and 256 callers with each Router keeping
+#                                       8 (the old rule), 4 and 2 batches in flight, and 8
+#                                       Routers at 2 each; the GPU's utilization sampled
+#   bash tests/gpu_session.sh defaults  the shipped defaults (HAProxy, batching on) by handle
+#                                       and HTTP binary at 1, 64 and 256 callers, the peer,
 #                                       and recovery from context faults, written as docs
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
-MACHINE="one NVIDIA H200 (16 cores), ONNX Runtime 1.31.1 CUDA provider"
+MACHINE="one $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) ($(nproc) cores), ONNX Runtime 1.31.1 CUDA provider"
 
 case "${1:-tests}" in
 tests)
@@ -118,9 +121,26 @@ kills)
     --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
   echo "kills rc=$?"
   ;;
+slots)
+  nvidia-smi -L | tee "$OUT/nvidia-smi.txt"
+  for variant in "--router-batches-in-flight 8" "--router-batches-in-flight 4" \
+                 "--router-batches-in-flight 2" "--router-replicas 8 --router-batches-in-flight 2"; do
+    name=$(echo "$variant" | tr -c 'a-z0-9\n' '_')
+    nvidia-smi --query-gpu=timestamp,utilization.gpu --format=csv,noheader -lms 250 \
+      > "$OUT/util$name.csv" &
+    util=$!
+    echo "== variant '$variant' $(date +%T)" | tee -a "$OUT/slots.txt"
+    timeout -k 10 140 $BENCH --concurrency 64 256 --seconds 8 --warmup-s 3 --batching on \
+      --modes "http binary" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+      --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
+      | while IFS= read -r line; do echo "$(date +%T) $line"; done \
+      | grep -E "trtserve|ceiling:|Error" | tee -a "$OUT/slots.txt"
+    kill $util
+  done
+  ;;
 defaults)
-  timeout -k 10 500 $BENCH --concurrency 1 64 256 --seconds 4 --warmup-s 2 --generators 4 \
-    --batching on --recovery-concurrency 64 --recovery-faults context --context-requests 200 \
+  timeout -k 10 540 $BENCH --concurrency 1 64 256 --seconds 4 --warmup-s 2 --generators 4 \
+    --batching on --modes handle "http binary" --recovery-concurrency 64 --recovery-faults context --context-requests 200 \
     --recovery-limit-s 30 --ceiling-batch-sizes 1 32 --ceiling-threads 1 4 --ceiling-seconds 2 \
     --plot-dir "$OUT" --write-docs "$OUT/benchmarks.md" --machine "$MACHINE" 2>&1 \
     | tee "$OUT/defaults.txt"

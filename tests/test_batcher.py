@@ -15,6 +15,7 @@ from deployments.batcher import (
     BatchPolicy,
     Pending,
     concatenate,
+    router_slots,
     split,
 )
 from engines.errors import DeadlineExceeded
@@ -129,3 +130,12 @@ def test_the_policy_follows_the_model() -> None:
     assert BatchPolicy.for_model({"batch_size": 32}, scalar_out).enabled is False
     with pytest.raises(ValueError, match="outside"):
         BatchPolicy(batch_size=8, preferred_batch_sizes=(16,))
+
+
+def test_routers_share_the_contexts_of_the_replicas() -> None:
+    # 2 replicas x 4 contexts: one batch per context in flight from all Routers together.
+    assert router_slots(8, 1, "auto") == 8
+    assert router_slots(8, 4, "auto") == 2
+    assert router_slots(8, 3, "auto") == 3  # rounded up: no context left without a batch
+    assert router_slots(8, 12, "auto") == 1  # every Router can always send one
+    assert router_slots(8, 4, 3) == 3  # a number is taken as it is

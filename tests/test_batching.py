@@ -91,6 +91,24 @@ def test_a_request_out_of_time_in_the_batch_queue_never_runs(port: int, cache_di
     assert requests_seen() == seen  # the late request never reached a replica
 
 
+def test_a_router_keeps_only_its_batches_in_flight_and_the_rest_gather(
+    port: int, cache_dir: Path
+) -> None:
+    # Four contexts, but one batch in flight for this Router: behind a hanging batch the
+    # next requests gather into one batch instead of taking the idle contexts one by one.
+    router = deploy(cache_dir, replicas=1, pool_size=4, router_batches_in_flight=1,
+                    faults=[{"kind": "hang", "seconds": 2}])
+    inputs = [varied_inputs(i, rows=1) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        holding = pool.submit(_call, router, inputs[0])
+        assert wait_until(lambda: describe_all()[0]["faults_pending"] == [], 5)
+        results = [f.result() for f in [pool.submit(_call, router, x) for x in inputs[1:]]]
+        _assert_own_rows(inputs[0], holding.result())
+    batches = [_assert_own_rows(x, r)[-1]["batch"]
+               for x, r in zip(inputs[1:], results, strict=True)]
+    assert batches == [7] * 7, batches
+
+
 def test_a_poison_request_in_a_batch_fails_alone(port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir, replicas=1, pool_size=1,
                     faults=[{"kind": "hang", "seconds": 3},
