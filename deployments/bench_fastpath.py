@@ -133,16 +133,16 @@ class FastpathResult:
 
     def table(self) -> str:
         lines = ["| mode | batching | concurrency | req/s | p50 ms | p99 ms | vs ceiling "
-                 "| failed | generator CPU |",
-                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                 "| mean batch | failed | generator CPU |",
+                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         best = self.ceiling.best
         lines.append(f"| ceiling (engine, no Serve) | batch {best.batch} | {best.threads} "
                      f"thread(s) | {best.rows_per_s:.0f} | {best.p50_ms:.2f} | "
-                     f"{best.p99_ms:.2f} | 1.00x | - | - |")
+                     f"{best.p99_ms:.2f} | 1.00x | {best.batch} | - | - |")
         for (mode, batching, c), m in self.points.items():
             lines.append(f"| {mode} | {batching} | {c} | {m.throughput:.0f} | {m.pct(50):.2f} "
-                         f"| {m.pct(99):.2f} | {self.ratio(m):.3g}x | {m.failed} "
-                         f"| {m.generator_cpu:.0%} |")
+                         f"| {m.pct(99):.2f} | {self.ratio(m):.3g}x | {_batch(m)} "
+                         f"| {m.failed} | {m.generator_cpu:.0%} |")
         return "\n".join(lines)
 
     def breakdown(self) -> str:
@@ -249,6 +249,11 @@ class FastpathResult:
             "",
             "replica scaling: " + self.scaling_table(),
         ])
+
+
+def _batch(m: Measurement) -> str:
+    """The mean rows per execution, or "-" for a path whose answers carry no trail."""
+    return "-" if np.isnan(m.mean_batch) else f"{m.mean_batch:.1f}"
 
 
 def _pcts(values: np.ndarray) -> tuple[float, float]:
@@ -383,7 +388,8 @@ class _Run:
                          seed=self.setup.seed)
         self.progress(f"  {label:<40} c={concurrency:<4} {m.throughput:8.0f} req/s  "
                       f"p50 {m.pct(50):7.2f} ms  p99 {m.pct(99):7.2f} ms  "
-                      f"{self.result.ratio(m):.3g}x ceiling  failed {m.failed}  "
+                      f"{self.result.ratio(m):.3g}x ceiling  batch {_batch(m)}  "
+                      f"failed {m.failed}  "
                       f"generator CPU {m.generator_cpu:.0%}")
         return m
 

@@ -78,6 +78,7 @@ class Records:
     # The first attempt's time as its trail gives it; for one that failed over, the time until
     # the Router learnt of the failure. NaN where unknown.
     first_ms: np.ndarray
+    batch: np.ndarray  # rows in the last attempt's execution; NaN where unknown
     cpu_s: float
     wall_s: float
 
@@ -95,6 +96,7 @@ class Measurement:
     attempts: np.ndarray
     replica_ms: np.ndarray
     first_ms: np.ndarray
+    batch: np.ndarray
     failed: int
     seconds: float
     generator_cpu: float  # the busiest generator process's CPU use, in cores
@@ -105,6 +107,13 @@ class Measurement:
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latency_ms, q)) if len(self.latency_ms) else np.nan
+
+    @property
+    def mean_batch(self) -> float:
+        """Rows per execution, averaged over requests (so as each request saw it); NaN for a
+        path whose answers carry no trail."""
+        known = self.batch[~np.isnan(self.batch)]
+        return float(known.mean()) if len(known) else np.nan
 
 
 def _random_inputs(spec: IOSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -129,14 +138,16 @@ def build_requests(job: Job) -> list[Any]:
 Send = Callable[[Any], Any]
 
 
-TrailInfo = tuple[int, float, float]  # attempts, the last one's ms, the first one's ms
-NO_TRAIL: TrailInfo = (0, np.nan, np.nan)
+# attempts, the last one's ms, the first one's ms, the rows of the last one's execution
+TrailInfo = tuple[int, float, float, float]
+NO_TRAIL: TrailInfo = (0, np.nan, np.nan, np.nan)
 
 
 def _trail_info(trail: list[dict[str, Any]]) -> TrailInfo:
     if not trail:
         return NO_TRAIL
-    return len(trail), float(trail[-1]["ms"]), float(trail[0]["ms"])
+    last = trail[-1]
+    return len(trail), float(last["ms"]), float(trail[0]["ms"]), float(last.get("batch") or 1)
 
 
 def _sender(target: Target, session: Any) -> Send:
@@ -188,7 +199,7 @@ def _sender(target: Target, session: Any) -> Send:
 
 async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
                  affected: Synchronized) -> Records:
-    rows: list[tuple[float, float, bool, int, float, float]] = []
+    rows: list[tuple[float, float, bool, int, float, float, float]] = []
     session = None
     if job.target.kind in HTTP_KINDS:
         import aiohttp  # a dependency of ray[serve]; far less CPU per request than httpx
@@ -220,11 +231,11 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
             began = time.monotonic()
             try:
                 async with asyncio.timeout(job.timeout_s):  # no task per request, unlike wait_for
-                    attempts, replica_ms, first_ms = await send(request)
+                    attempts, replica_ms, first_ms, batch = await send(request)
                 ok = True
             except Exception:  # counted as failed; the run goes on
-                (attempts, replica_ms, first_ms), ok = NO_TRAIL, False
-            rows.append((began, time.monotonic(), ok, attempts, replica_ms, first_ms))
+                (attempts, replica_ms, first_ms, batch), ok = NO_TRAIL, False
+            rows.append((began, time.monotonic(), ok, attempts, replica_ms, first_ms, batch))
             if attempts > 1:  # the parent stops a recovery run on this count
                 with affected.get_lock():
                     affected.value += 1
@@ -237,10 +248,10 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
         if session is not None:
             await session.close()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 6
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 7
     return Records(np.array(cols[0], float), np.array(cols[1], float), np.array(cols[2], bool),
                    np.array(cols[3], int), np.array(cols[4], float), np.array(cols[5], float),
-                   cpu, max(wall, 1e-9))
+                   np.array(cols[6], float), cpu, max(wall, 1e-9))
 
 
 def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: str) -> None:
@@ -335,9 +346,9 @@ def _check(reply: Any) -> Any:
 
 
 def _window(parts: list[Records], begin: float, end: float) -> Measurement:
-    started, ended, ok, attempts, replica_ms, first_ms = (
+    started, ended, ok, attempts, replica_ms, first_ms, batch = (
         np.concatenate([getattr(p, f) for p in parts])
-        for f in ("started", "ended", "ok", "attempts", "replica_ms", "first_ms")
+        for f in ("started", "ended", "ok", "attempts", "replica_ms", "first_ms", "batch")
     )
     inside = (ended >= begin) & (ended <= end)
     good = inside & ok
@@ -346,6 +357,7 @@ def _window(parts: list[Records], begin: float, end: float) -> Measurement:
         attempts=attempts[good],
         replica_ms=replica_ms[good],
         first_ms=first_ms[good],
+        batch=batch[good],
         failed=int((inside & ~ok).sum()),
         seconds=end - begin,
         generator_cpu=max(p.cpu_use for p in parts),

@@ -33,6 +33,15 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     assert set(result.points) == expected
     for key, m in result.points.items():
         assert math.isfinite(result.ratio(m)) and result.ratio(m) > 0, key
+    # Rows per execution, read from the answers' trails: one with batching off, at most the
+    # callers with it on; a handle call's answer has no trail.
+    for (mode, batching, c), m in result.points.items():
+        if mode == "http binary" and batching == "off":
+            assert m.mean_batch == 1.0, (mode, c)
+        elif mode == "http binary":
+            assert 1.0 <= m.mean_batch <= c, (mode, c, m.mean_batch)
+        elif mode == "handle":
+            assert math.isnan(m.mean_batch), (mode, c)
     table = result.table()
     assert len(table.splitlines()) == 3 + len(expected)  # header, rule, ceiling, the points
     assert [r.fault for r in result.recovery] == ["context"]
