@@ -35,17 +35,25 @@ def gpus_per_replica(setting: str | float) -> float:
 # Cores that ``router_replicas: auto`` leaves to the rest: the engine replicas' own threads,
 # the HTTP ingress, Ray's raylet and agents.
 CPUS_BESIDE_ROUTERS = 4
+# Measured up to 16 Routers on 16 cores, which served no more than 12: past that the
+# processes only cost memory (a Ray worker each), however many cores a cluster has.
+MAX_AUTO_ROUTERS = 16
 
 
 def router_replicas(setting: str | int) -> int:
-    """``auto``: one Router per core of the cluster beyond CPUS_BESIDE_ROUTERS, at least one.
-    A Router is one Python process, bound by its GIL at about a core and a third: it is the
-    cost of every request (Serve's machinery around it, decoding, the batcher), where the
-    engine replicas pay per batch. On an H100 with 16 cores, 12 Routers served HTTP binary
-    at 2,277 req/s against 1,987 with 8 and 1,452 with 4 (docs/benchmarks.md)."""
+    """``auto``: one Router per core of the cluster beyond CPUS_BESIDE_ROUTERS, at least one
+    and at most MAX_AUTO_ROUTERS. A Router is one Python process, bound by its GIL at about
+    a core and a third: it is the cost of every request (Serve's machinery around it,
+    decoding, the batcher), where the engine replicas pay per batch. On an H100 with 16
+    cores, 12 Routers served HTTP binary at 2,277 req/s against 1,987 with 8 and 1,452 with
+    4 (docs/benchmarks.md)."""
     if setting != "auto":
         return int(setting)
-    return max(1, int(_cluster("CPU")) - CPUS_BESIDE_ROUTERS)
+    return auto_router_replicas(int(_cluster("CPU")))
+
+
+def auto_router_replicas(cores: int) -> int:
+    return min(MAX_AUTO_ROUTERS, max(1, cores - CPUS_BESIDE_ROUTERS))
 
 
 def bind_engine(args: AppArgs) -> Application:

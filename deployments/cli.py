@@ -391,7 +391,8 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-replica", type=float,
                    help="default: the cluster's GPUs shared evenly, at most 1 each")
     p.add_argument("--router-replicas", type=_auto_or_int,
-                   help="the app's router_replicas (default: auto, one per core beyond 4)")
+                   help="the app's router_replicas (default: auto, one per core beyond 4, "
+                        "at most 16)")
     p.add_argument("--no-cuda-buckets", dest="cuda_batch_buckets", action="store_const",
                    const=False, help="deploy with cuda_batch_buckets off: one session per "
                    "model sees every batch size")

@@ -1,5 +1,6 @@
 """How many executions a replica runs at once, and on how many threads, where the app leaves
-it to trtserve: several contexts on a GPU, one execution on a share of the cores on the CPU."""
+it to trtserve: several contexts on a GPU, one execution on a share of the cores on the CPU;
+and how many Routers take the requests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from deployments.app import MAX_AUTO_ROUTERS, auto_router_replicas
 from deployments.config import AppArgs
 from deployments.engine import GPU_POOL_SIZE, ReplicaCore, execution_layout
 from engines.cuda import visible_device_count
@@ -27,6 +29,13 @@ def test_a_cpu_replica_runs_one_execution_on_its_share_of_the_cores() -> None:
 def test_on_the_cpu_a_chosen_pool_shares_the_cores_and_chosen_threads_stay() -> None:
     assert execution_layout(4, None, 2, gpu_visible=False, cores=16) == (4, 2)
     assert execution_layout("auto", 6, 2, gpu_visible=False, cores=16) == (1, 6)
+
+
+def test_routers_take_every_core_beyond_four_within_bounds() -> None:
+    assert auto_router_replicas(2) == 1
+    assert auto_router_replicas(4) == 1
+    assert auto_router_replicas(16) == 12
+    assert auto_router_replicas(256) == MAX_AUTO_ROUTERS
 
 
 def test_pool_size_is_auto_or_at_least_one() -> None:
