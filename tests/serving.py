@@ -144,3 +144,26 @@ def load(
 
     with ThreadPoolExecutor(in_flight) as pool:
         return list(pool.map(one, range(total)))
+
+
+def load_until(
+    router: DeploymentHandle,
+    results: list[tuple[dict[str, np.ndarray], Outcome]],
+    met: Callable[[list[tuple[dict[str, np.ndarray], Outcome]]], bool],
+    in_flight: int,
+    rounds: int = 5,
+) -> list[tuple[dict[str, np.ndarray], Outcome]]:
+    """``results`` with more load, 100 requests a round, until ``met`` says a request met
+    the fault: a fault armed by a call mid-load can land after a fast load of tiny has ended
+    on a busy machine."""
+    for _ in range(rounds):
+        if met(results):
+            break
+        results = results + load(router, 100, in_flight)
+    return results
+
+
+def replica_died_under(results: list[tuple[dict[str, np.ndarray], Outcome]]) -> bool:
+    """Whether some answered request's trail shows its replica dying under it."""
+    return any(not isinstance(r, BaseException) and
+               any(a["outcome"] == "ReplicaFailure" for a in r[1]) for _, r in results)

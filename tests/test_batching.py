@@ -22,7 +22,9 @@ from .serving import (
     deploy,
     describe_all,
     load,
+    load_until,
     local_serve,
+    replica_died_under,
     replica_ids,
     requests_seen,
     varied_inputs,
@@ -135,17 +137,12 @@ def test_a_replica_killed_under_a_batch_loses_no_request(port: int, cache_dir: P
     router = deploy(cache_dir, replicas=2, pool_size=1)
     victim = sorted(replica_ids())[0]
     fault = FaultAt(40, {"kind": "crash"}, victim)
-    results = load(router, 300, 24, on_progress=fault)
+    results = load_until(router, load(router, 300, 24, on_progress=fault),
+                         replica_died_under, 24)
     assert fault.injected
-    for _ in range(5):
-        # The crash fires on the victim's next execution: on a busy machine the injection
-        # can land after the load has ended, so the load goes on until a batch met it.
-        trails = [_assert_own_rows(x, result) for x, result in results]
-        died = [t for t in trails if any(a["outcome"] == "ReplicaFailure" for a in t)]
-        if died:
-            break
-        results += load(router, 100, 24)
-    assert died, "no batch was in flight on the replica that died"
+    for x, result in results:
+        _assert_own_rows(x, result)
+    assert replica_died_under(results), "no batch was in flight on the replica that died"
 
 
 def _pool(replica: dict[str, Any]) -> dict[str, Any]:

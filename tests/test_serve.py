@@ -27,7 +27,9 @@ from .serving import (
     describe_all,
     inject,
     load,
+    load_until,
     local_serve,
+    replica_died_under,
     replica_ids,
     requests_seen,
     wait_until,
@@ -102,9 +104,11 @@ def test_a_replica_crashing_mid_load_loses_no_request(http_port: int, cache_dir:
     router = deploy(cache_dir)
     victim = sorted(replica_ids())[0]
     fault = FaultAt(50, {"kind": "crash"}, victim)
-    trails = _assert_all_answered(load(router, 300, 8, on_progress=fault))
+    results = load_until(router, load(router, 300, 8, on_progress=fault),
+                         replica_died_under, 8)
+    _assert_all_answered(results)
     assert fault.injected
-    assert any(a["outcome"] == "ReplicaFailure" for t in trails for a in t)
+    assert replica_died_under(results)
     assert wait_until(lambda: victim not in replica_ids() and len(replica_ids()) == 2, 60)
     # A call aimed at the dead replica fails, naming it, instead of waiting out its timeout.
     with pytest.raises(ReplicaFailure, match=f"replica {victim} is gone"):
