@@ -98,8 +98,9 @@ def test_a_router_keeps_only_its_batches_in_flight_and_the_rest_gather(
 ) -> None:
     # Four contexts, but one batch in flight for this Router: behind a hanging batch the
     # next requests gather into one batch instead of taking the idle contexts one by one.
+    # The hang lasts long enough for all seven to arrive behind it on a busy machine.
     router = deploy(cache_dir, replicas=1, pool_size=4, router_batches_in_flight=1,
-                    faults=[{"kind": "hang", "seconds": 2}])
+                    faults=[{"kind": "hang", "seconds": 3}])
     inputs = [varied_inputs(i, rows=1) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         holding = pool.submit(_call, router, inputs[0])
