@@ -30,9 +30,10 @@ from engines.spec import IOSpec
 
 Key = tuple[tuple[str, str, tuple[int, ...]], ...]
 # Batches each context has coming from all the Routers together under
-# ``router_batches_in_flight: auto``. More only wait in the replica: with 4 Routers on an
-# H100, two per context served 982-1,452 req/s where one served 1,452; with 8 Routers
-# 1,858 against 1,987; with 12, 1,877 against 2,277 (docs/benchmarks.md).
+# ``router_batches_in_flight: auto``. More only wait in the replica: HTTP binary at 256
+# callers on an H100, one per context against two, served 1,452 against 982 req/s with 4
+# Routers (four per context, the old rule: 1,138), 1,987 against 1,858 with 8, and 2,277
+# against 1,877 with 12 (docs/benchmarks.md).
 SLOTS_PER_CONTEXT = 1
 
 
