@@ -25,6 +25,7 @@ from .serving import (
     inject,
     load,
     local_serve,
+    one_at_a_time,
     replica_ids,
     requests_seen,
     varied_inputs,
@@ -82,19 +83,22 @@ def test_one_model_failing_everywhere_never_stalls_the_others(
 
 
 def test_a_timed_out_attempt_is_cancelled_and_ejects_nobody(port: int, cache_dir: Path) -> None:
+    # An ejection would outlast the calls that look for the slow replica below (SPREAD_S).
     router = deploy(cache_dir, replicas=2, pool_size=2,
-                    retry={"attempt_timeout_s": 1, "deadline_s": 5})
+                    retry={"attempt_timeout_s": 1, "deadline_s": 5, "eject_s": 120})
     slow, fast = sorted(replica_ids())
     inject({"kind": "hang", "seconds": 60}, target=slow)
-    for i in range(40):
-        inputs = varied_inputs(i)
-        result = _call(router, "tiny", inputs, 5)
-        assert _ok(result, inputs), repr(result)
-        trail = result[1]
-        if trail[0]["replica"] == slow:
-            break
-    else:
-        pytest.fail("no request went to the hung replica")
+
+    def call(i: int) -> Any:
+        result = _call(router, "tiny", varied_inputs(i), 5)
+        assert _ok(result, varied_inputs(i)), repr(result)
+        return result
+
+    def went_to_slow(result: Any) -> bool:
+        return any(a["replica"] == slow for a in result[1])
+
+    trail = one_at_a_time(call, went_to_slow)[-1][1]
+    assert trail[0]["replica"] == slow, "no request went to the hung replica"
     assert trail[0]["outcome"] == "ReplicaFailure" and "timed out" in trail[0]["message"]
     assert trail[-1]["outcome"] == "ok" and trail[-1]["replica"] == fast
 
@@ -108,8 +112,7 @@ def test_a_timed_out_attempt_is_cancelled_and_ejects_nobody(port: int, cache_dir
                       and pool_of(slow)["pool"]["live"] == 3, 10), pool_of(slow)
     # Not ejected: the slow replica keeps getting its share of new requests.
     before = next(r for r in describe_all() if r["replica_id"] == slow)["requests_seen"]
-    for i in range(40):
-        assert _ok(_call(router, "tiny", varied_inputs(1000 + i), 5), varied_inputs(1000 + i))
+    one_at_a_time(lambda i: call(1000 + i), went_to_slow)
     after = next(r for r in describe_all() if r["replica_id"] == slow)["requests_seen"]
     assert after > before
 

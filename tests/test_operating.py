@@ -5,13 +5,11 @@ JSON log lines; and ``serve status`` from another process, with Ray's auth token
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -24,14 +22,21 @@ import pytest
 import ray
 import requests
 from ray import serve
-from ray.serve._private.constants import RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
 
 from deployments.app import APP_NAME
 from deployments.local_cluster import free_port
 from deployments.metrics import RELABEL_REGEX, SPECS
 from engines.errors import DeadlineExceeded
 
-from .serving import deploy, describe_all, inject, local_serve, varied_inputs, wait_until
+from .serving import (
+    deploy,
+    describe_all,
+    inject,
+    local_serve,
+    one_at_a_time,
+    varied_inputs,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +44,6 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 REQUESTS = 30  # at least; more until one has met the device fault (see ``traffic``)
-# Serve's power of two choices prefers the shorter queue a Router has cached. Seen on CI and
-# here in 3 runs of 53: an idle replica cached at one ongoing request lost every choice to the
-# other, cached at zero, for 300 calls in 3 s. Such an entry goes stale after 10 s; in a run
-# that went on, the device fault was met 9.3 s later.
-TRAFFIC_S = 3 * RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
 HTTP_EVERY = 6  # every sixth request goes over HTTP (decode/encode times, the protocol's id)
 
 
@@ -151,24 +151,20 @@ def traffic(port: int, cache_dir: Path) -> Traffic:
     broken, flaky = sorted({r["replica_id"] for r in describe_all()})
     inject({"kind": "device"}, target=broken)
     inject({"kind": "context", "count": 2}, target=flaky)
-    trails: list[list[dict[str, Any]]] = []
     http_ids: list[str] = []
 
-    def met_device_fault() -> bool:
-        return any(e["outcome"] == "DeviceFailure" for t in trails for e in t)
-
-    # Calls go on until one has met the device fault (see TRAFFIC_S).
-    until = time.monotonic() + TRAFFIC_S
-    for i in itertools.count():
-        if i >= REQUESTS and (met_device_fault() or time.monotonic() > until):
-            break
+    def one(i: int) -> list[dict[str, Any]]:
         inputs = varied_inputs(i)
         if i % HTTP_EVERY == 0:
             http_ids.append(f"client-{i}")
-            trails.append(_http_infer(port, inputs, http_ids[-1]))
-        else:
-            _, trail = router.infer_with_trail.remote("tiny", inputs, timeout=10).result()
-            trails.append(trail)
+            return _http_infer(port, inputs, http_ids[-1])
+        _, trail = router.infer_with_trail.remote("tiny", inputs, timeout=10).result()
+        return trail
+
+    def met_device_fault(trail: list[dict[str, Any]]) -> bool:
+        return any(e["outcome"] == "DeviceFailure" for e in trail)
+
+    trails = one_at_a_time(one, met_device_fault, least=REQUESTS)
     for _ in range(2):
         with pytest.raises(DeadlineExceeded):
             router.infer_with_trail.remote("tiny", varied_inputs(0), timeout=1e-6).result()
