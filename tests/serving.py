@@ -24,8 +24,8 @@ X = {"x": np.ones((2, 16), np.float32)}
 T = TypeVar("T")
 
 # Serve's power of two choices takes the shorter of the queue lengths a Router has cached,
-# each kept up to RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S (10 s). Seen on CI and here in 3 runs
-# of 53: an idle replica cached at one ongoing request lost every choice to the other, cached
+# each kept up to RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S (10 s). Seen on CI and here in 4 runs
+# of 77: an idle replica cached at one ongoing request lost every choice to the other, cached
 # at zero, for 300 sequential calls in 3 s; in a run that went on, it got one 9.3 s later.
 SPREAD_S = 3 * RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
 
