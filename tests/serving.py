@@ -131,10 +131,11 @@ def one_at_a_time(call: Callable[[int], T], met: Callable[[T], bool], least: int
     ``met`` after at least ``least`` calls, or for at most SPREAD_S: sequential calls reach a
     given replica only by the Router's choice (see SPREAD_S)."""
     results: list[T] = []
+    seen = False
     until = time.monotonic() + SPREAD_S
-    while len(results) < least or not (any(met(r) for r in results)
-                                       or time.monotonic() > until):
+    while len(results) < least or not (seen or time.monotonic() > until):
         results.append(call(len(results)))
+        seen = seen or met(results[-1])
     return results
 
 
