@@ -90,8 +90,9 @@ def test_a_timed_out_attempt_is_cancelled_and_ejects_nobody(port: int, cache_dir
     inject({"kind": "hang", "seconds": 60}, target=slow)
 
     def call(i: int) -> Any:
-        result = _call(router, "tiny", varied_inputs(i), 5)
-        assert _ok(result, varied_inputs(i)), repr(result)
+        inputs = varied_inputs(i)
+        result = _call(router, "tiny", inputs, 5)
+        assert _ok(result, inputs), repr(result)
         return result
 
     def went_to_slow(result: Any) -> bool:
