@@ -209,6 +209,55 @@ class Request:
         return {"model": self.model, "version": self.version}
 
 
+FLUSH_S = 1.0
+
+
+class Tally:
+    """Counter increments and gauge values kept in the process and recorded every
+    ``FLUSH_S``. A Ray metric call takes about 5 us alone and more under a loaded Router's
+    GIL, and each request made a dozen of them (docs/benchmarks.md, "Where a Router's time
+    goes"); a counter's sum and a gauge's last value lose nothing by waiting a second.
+    Outside an event loop each call is recorded at once. What a Router had not recorded
+    when it stops is lost, as is what Ray had not exported yet."""
+
+    def __init__(self, metrics: dict[str, Metric]) -> None:
+        self.metrics = metrics
+        self._sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    def inc(self, name: str, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        key = (name, tuple(tags.items()) if tags else ())
+        self._sums[key] = self._sums.get(key, 0.0) + value
+        self._soon()
+
+    def set(self, name: str, value: float, tags: dict[str, str]) -> None:
+        self._gauges[(name, tuple(tags.items()))] = value
+        self._soon()
+
+    def flush(self) -> None:
+        sums, gauges, self._sums, self._gauges = self._sums, self._gauges, {}, {}
+        for (name, tags), value in sums.items():
+            self.metrics[name].inc(value, tags=dict(tags))
+        for (name, tags), value in gauges.items():
+            self.metrics[name].set(value, tags=dict(tags))
+
+    def _soon(self) -> None:
+        if self._flusher is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flusher = loop.create_task(self._flush_every())
+
+    async def _flush_every(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_S)
+            self.flush()
+
+
 ROUTER = tuple(s.name for s in SPECS if s.name not in
                ("trtserve_context_swaps", "trtserve_live_contexts", "trtserve_replica_gpu"))
 
@@ -219,6 +268,7 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.m = create(ROUTER)
+        self.tally = Tally(self.m)
         self._pending: dict[tuple[str, str], int] = {}
         self._poisoned: set[str] = set()
         self._known: set[tuple[str, str]] = set()
@@ -252,14 +302,14 @@ class RouterMetrics:
         """Once per request: success or failure, times, and the log line."""
         self._add_pending(req, -1)
         total_s = time.perf_counter() - req.started
-        self.m["trtserve_requests"].inc(tags={"model": req.model, "outcome": outcome})
+        self.tally.inc("trtserve_requests", tags={"model": req.model, "outcome": outcome})
         if error is None:
             self._succeeded(req, total_s, trail)
         else:
-            self.m["nv_inference_request_failure"].inc(tags={**req.tags,
-                                                             "reason": reason(error)})
+            self.tally.inc("nv_inference_request_failure",
+                           tags={**req.tags, "reason": reason(error)})
             if isinstance(unwrap(error), Overloaded):
-                self.m["trtserve_load_shed"].inc(tags={"model": req.model})
+                self.tally.inc("trtserve_load_shed", tags={"model": req.model})
         log_request(req, outcome, trail, total_s)
 
     def _succeeded(self, req: Request, total_s: float, trail: list[dict[str, Any]]) -> None:
@@ -268,12 +318,12 @@ class RouterMetrics:
         replica_queue_ms = sum(e.get("queue_ms", 0.0) for e in trail)
         queue_ms = req.batch_wait_s * 1000.0 + replica_queue_ms
         compute_ms = max(0.0, ok.get("ms", 0.0) - ok.get("queue_ms", 0.0))
-        self.m["nv_inference_request_success"].inc(tags=tags)
-        self.m["nv_inference_count"].inc(req.rows, tags=tags)
+        self.tally.inc("nv_inference_request_success", tags=tags)
+        self.tally.inc("nv_inference_count", req.rows, tags=tags)
         for name, ms in (("request", total_s * 1000.0), ("queue", queue_ms),
                          ("compute_infer", compute_ms)):
             if ms > 0:
-                self.m[f"nv_inference_{name}_duration_us"].inc(ms * 1000.0, tags=tags)
+                self.tally.inc(f"nv_inference_{name}_duration_us", ms * 1000.0, tags=tags)
         self.m["trtserve_request_duration_ms"].observe(total_s * 1000.0, tags=tags)
         self.m["trtserve_queue_duration_ms"].observe(queue_ms, tags=tags)
         self.m["trtserve_compute_duration_ms"].observe(compute_ms, tags=tags)
@@ -285,45 +335,45 @@ class RouterMetrics:
         yield
         us = (time.perf_counter() - started) * 1e6
         if us > 0:
-            self.m[f"nv_inference_compute_{which}_duration_us"].inc(
-                us, tags={"model": model, "version": version})
+            self.tally.inc(f"nv_inference_compute_{which}_duration_us", us,
+                           tags={"model": model, "version": version})
 
     def attempt(self, model: str, trail: list[dict[str, Any]]) -> None:
         """One attempt's trail entries (one replica's tries of one execution), counted once
         however many requests share them: attempts by outcome, local retries, and each
         successful execution with its batch size."""
         for entry in trail:
-            self.m["trtserve_attempts"].inc(tags={"model": model, "outcome": entry["outcome"]})
+            self.tally.inc("trtserve_attempts", tags={"model": model, "outcome": entry["outcome"]})
         if len(trail) > 1:
-            self.m["trtserve_local_retries"].inc(len(trail) - 1, tags={"model": model})
+            self.tally.inc("trtserve_local_retries", len(trail) - 1, tags={"model": model})
         for entry in trail:
             if entry["outcome"] == "ok":
                 rows = int(entry.get("batch") or 1)
-                self.m["nv_inference_exec_count"].inc(
-                    tags={"model": model, "version": self._versions.get(model, "")})
+                self.tally.inc("nv_inference_exec_count",
+                               tags={"model": model, "version": self._versions.get(model, "")})
                 self.m["trtserve_batch_size"].observe(rows, tags={"model": model})
 
     def after_failure(self, model: str, failed: FailedAttempt, *, went_on: bool,
                       newly_ejected: int, budget_refused: bool) -> None:
         tags = {"model": model}
         if went_on:
-            self.m["trtserve_failovers"].inc(tags=tags)
+            self.tally.inc("trtserve_failovers", tags=tags)
         if newly_ejected:
-            self.m["trtserve_ejections"].inc(newly_ejected, tags=tags)
+            self.tally.inc("trtserve_ejections", newly_ejected, tags=tags)
         if budget_refused:
-            self.m["trtserve_retry_budget_refusals"].inc(tags=tags)
+            self.tally.inc("trtserve_retry_budget_refusals", tags=tags)
         replica = failed.replica
         if isinstance(failed.error, DeviceFailure) and replica and replica not in self._poisoned:
             self._poisoned.add(replica)
-            self.m["trtserve_replicas_poisoned"].inc()
+            self.tally.inc("trtserve_replicas_poisoned")
 
     def refused_query_of_death(self, model: str) -> None:
-        self.m["trtserve_query_of_death_refusals"].inc(tags={"model": model})
+        self.tally.inc("trtserve_query_of_death_refusals", tags={"model": model})
 
     def _add_pending(self, req: Request, delta: int) -> None:
         key = (req.model, req.version)
         self._pending[key] = self._pending.get(key, 0) + delta
-        self.m["nv_inference_pending_request_count"].set(self._pending[key], tags=req.tags)
+        self.tally.set("nv_inference_pending_request_count", self._pending[key], req.tags)
 
 
 def log_request(req: Request, outcome: str, trail: list[dict[str, Any]], total_s: float) -> None:

@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from deployments import metrics
 from deployments.metrics import RELABEL_REGEX, SPECS, Request, log_request, reason
 from engines.errors import (
     DeadlineExceeded,
@@ -68,3 +69,46 @@ def test_the_relabelling_restores_every_name() -> None:
             restored = re.fullmatch(RELABEL_REGEX, name)
             assert restored is not None, name
             assert restored.group(1) == name[4:].removesuffix("_total"), name
+
+
+class _Recorded:
+    """Where a Tally's calls land in these tests, in place of Ray's exporter."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("inc", value, tags))
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("set", value, tags))
+
+
+def test_a_tally_records_sums_and_last_values_once_a_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "FLUSH_S", 0.01)
+    counter, gauge = _Recorded(), _Recorded()
+    tally = metrics.Tally({"c": counter, "g": gauge})  # type: ignore[dict-item]
+
+    async def traffic() -> None:
+        for i in range(100):
+            tally.inc("c", 2.0, {"model": "tiny"})
+            tally.inc("c", tags={"model": "other"})
+            tally.set("g", i, {"model": "tiny"})
+        assert counter.calls == gauge.calls == []  # nothing recorded per call
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if counter.calls:
+                break
+
+    asyncio.run(traffic())
+    assert sorted(counter.calls, key=str) == [("inc", 100.0, {"model": "other"}),
+                                              ("inc", 200.0, {"model": "tiny"})]
+    assert gauge.calls == [("set", 99, {"model": "tiny"})]
+
+
+def test_outside_an_event_loop_a_tally_records_at_once() -> None:
+    counter = _Recorded()
+    tally = metrics.Tally({"c": counter})  # type: ignore[dict-item]
+    tally.inc("c", 3.0, {"model": "tiny"})
+    assert counter.calls == [("inc", 3.0, {"model": "tiny"})]
