@@ -32,6 +32,11 @@
 #   bash tests/gpu_session.sh defaults  the shipped defaults (HAProxy, batching on) by handle
 #                                       and HTTP binary at 1, 64 and 256 callers, the peer,
 #                                       and recovery from context faults, written as docs
+#   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
+#                                       an earlier checkout in dir (e.g. `git archive` of the
+#                                       last commit, carried) against this one, alternating:
+#                                       HTTP binary at 64 and 256 callers, handle calls at 256
+#   BEFORE=dir bash tests/gpu_session.sh kills   the kills phase run from dir instead
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -115,6 +120,7 @@ gpus)
   echo "sweep rc=$?"
   ;;
 kills)
+  [ -n "$BEFORE" ] && cd "$BEFORE" && export PYTHONPATH=/tmp/site:$BEFORE
   timeout -k 10 560 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \
     --no-peer --recovery-faults crash --recovery-concurrency 64 --crash-requests 200 \
     --crash-kills 5 --recovery-limit-s 300 --generators 4 --ceiling-batch-sizes 32 \
@@ -156,6 +162,19 @@ modes)
       --batching on --modes handle "http binary" --no-peer --recovery-faults $flag \
       --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
       | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/modes.txt"
+  done
+  ;;
+ab)
+  here=$PWD
+  for round in $(seq "${2:-1}"); do
+    for side in before after; do
+      dir=$here; [ $side = before ] && dir=$BEFORE
+      echo "== $side, round $round $(date +%T)" | tee -a "$OUT/ab.txt"
+      (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout -k 10 200 $BENCH --concurrency 64 256 \
+        --seconds 8 --warmup-s 3 --batching on --modes "http binary" handle --no-peer \
+        --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 \
+        --generators 4 2>&1) | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/ab.txt"
+    done
   done
   ;;
 esac
