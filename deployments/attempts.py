@@ -278,7 +278,6 @@ class AttemptLoop:
                         inputs,
                         local_retries=retries.policy.local_retries,
                         deadline_s=budget_s,
-                        failover=retries.replicas_tried > 0,
                     )
                     return await response  # type: ignore[no-any-return]
         except TimeoutError:

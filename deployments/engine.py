@@ -32,7 +32,6 @@ from engines.models import resolve
 from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
-from .admission import Admission
 from .config import cache_path
 from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
@@ -307,9 +306,8 @@ class EngineReplica:
     """The Serve face of ReplicaCore. ``exclude``/``target`` are routing arguments (see
     routing.py); Serve passes them to the method too, so every method accepts them.
 
-    Each model has its own concurrency limit (its ``pool_size``, an ``Admission`` that serves
-    failovers first), taken before a worker thread, so a slow model's queue never holds the
-    threads of a fast one. A request waits
+    Each model has its own concurrency limit (its ``pool_size``), taken before a worker
+    thread, so a slow model's queue never holds the threads of a fast one. A request waits
     for it, and runs, only until the deadline it came with; past it, or when the Router
     cancels the attempt, its run is abandoned (``Call.cancel``)."""
 
@@ -318,7 +316,7 @@ class EngineReplica:
         self.exit_after_s = float(config["exit_after_device_failure_s"])
         self.core = ReplicaCore(config, self.replica_id)
         pool = self.core.concurrency
-        self.limits = {name: Admission(pool) for name in self.core.runners}
+        self.limits = {name: asyncio.Semaphore(pool) for name in self.core.runners}
         self.executor = ThreadPoolExecutor(pool * len(self.core.runners),
                                            thread_name_prefix="infer")
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
@@ -344,7 +342,6 @@ class EngineReplica:
         inputs: dict[str, np.ndarray],
         local_retries: int = RetryPolicy.local_retries,
         deadline_s: float = RetryPolicy.attempt_timeout_s,
-        failover: bool = False,
         exclude: list[str] | None = None,
         target: str | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
@@ -360,7 +357,7 @@ class EngineReplica:
             self.core.runner(model)  # UnknownModel before anything waits
             limit = self.limits[model]
             async with asyncio.timeout(deadline_s):
-                async with limit.slot(failover=failover):
+                async with limit:
                     return await loop.run_in_executor(self.executor, run)
         except TimeoutError:
             call.cancel()
