@@ -215,8 +215,8 @@ FLUSH_S = 1.0
 class Tally:
     """Counter increments and gauge values kept in the process and recorded every
     ``FLUSH_S``. A Ray metric call takes about 5 us alone and more under a loaded Router's
-    GIL, and each request made a dozen of them (docs/benchmarks.md, "Where a Router's time
-    goes"); a counter's sum and a gauge's last value lose nothing by waiting a second.
+    GIL, and each request made a dozen of them (docs/benchmarks.md, "Where a loaded Router's
+    time goes"); a counter's sum and a gauge's last value lose nothing by waiting a second.
     Outside an event loop each call is recorded at once. What a Router had not recorded
     when it stops is lost, as is what Ray had not exported yet."""
 
