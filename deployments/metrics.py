@@ -243,7 +243,7 @@ class Tally:
             self.metrics[name].set(value, tags=dict(tags))
 
     def _soon(self) -> None:
-        if self._flusher is not None:
+        if self._flusher is not None and not self._flusher.done():
             return
         try:
             loop = asyncio.get_running_loop()

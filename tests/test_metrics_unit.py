@@ -112,3 +112,20 @@ def test_outside_an_event_loop_a_tally_records_at_once() -> None:
     tally = metrics.Tally({"c": counter})  # type: ignore[dict-item]
     tally.inc("c", 3.0, {"model": "tiny"})
     assert counter.calls == [("inc", 3.0, {"model": "tiny"})]
+
+
+def test_a_tally_keeps_recording_in_a_later_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "FLUSH_S", 0.01)
+    counter = _Recorded()
+    tally = metrics.Tally({"c": counter})  # type: ignore[dict-item]
+
+    async def count_until_recorded(n: int) -> None:
+        tally.inc("c", float(n), {"model": "tiny"})
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if len(counter.calls) == n:
+                return
+
+    asyncio.run(count_until_recorded(1))
+    asyncio.run(count_until_recorded(2))
+    assert counter.calls == [("inc", 1.0, {"model": "tiny"}), ("inc", 2.0, {"model": "tiny"})]
