@@ -35,7 +35,7 @@
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
-#                                       HTTP binary at 64 and 256 callers, handle calls at 256
+#                                       HTTP binary and handle calls at 64 and 256 callers
 #   BEFORE=dir bash tests/gpu_session.sh kills   the kills phase run from dir instead
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
