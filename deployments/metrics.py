@@ -217,8 +217,8 @@ class Tally:
     ``FLUSH_S``. A Ray metric call takes about 5 us alone and more under a loaded Router's
     GIL, and each request made a dozen of them (docs/benchmarks.md, "Where a loaded Router's
     time goes"); a counter's sum and a gauge's last value lose nothing by waiting a second.
-    Outside an event loop each call is recorded at once. What a Router had not recorded
-    when it stops is lost, as is what Ray had not exported yet."""
+    It is used on an event loop (the Router's), where its flusher runs. What a Router had not
+    recorded when it stops is lost, as is what Ray had not exported yet."""
 
     def __init__(self, metrics: dict[str, Metric]) -> None:
         self.metrics = metrics
@@ -243,14 +243,8 @@ class Tally:
             self.metrics[name].set(value, tags=dict(tags))
 
     def _soon(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._flusher = loop.create_task(self._flush_every())
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_every())
 
     async def _flush_every(self) -> None:
         while True:

@@ -36,7 +36,6 @@
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
 #                                       HTTP binary and handle calls at 64 and 256 callers
-#   BEFORE=dir bash tests/gpu_session.sh kills   the kills phase run from dir instead
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -120,7 +119,6 @@ gpus)
   echo "sweep rc=$?"
   ;;
 kills)
-  [ -n "$BEFORE" ] && cd "$BEFORE" && export PYTHONPATH=/tmp/site:$BEFORE
   timeout -k 10 560 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \
     --no-peer --recovery-faults crash --recovery-concurrency 64 --crash-requests 200 \
     --crash-kills 5 --recovery-limit-s 300 --generators 4 --ceiling-batch-sizes 32 \

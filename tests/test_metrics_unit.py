@@ -107,13 +107,6 @@ def test_a_tally_records_sums_and_last_values_once_a_period(
     assert gauge.calls == [("set", 99, {"model": "tiny"})]
 
 
-def test_outside_an_event_loop_a_tally_records_at_once() -> None:
-    counter = _Recorded()
-    tally = metrics.Tally({"c": counter})  # type: ignore[dict-item]
-    tally.inc("c", 3.0, {"model": "tiny"})
-    assert counter.calls == [("inc", 3.0, {"model": "tiny"})]
-
-
 def test_a_tally_keeps_recording_in_a_later_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "FLUSH_S", 0.01)
     counter = _Recorded()
