@@ -381,6 +381,7 @@ class _Run:
                  result: FastpathResult, progress: Progress) -> None:
         self.setup, self.gen, self.url, self.result = setup, gen, url, result
         self.progress = progress
+        self.model = result.ceiling.model
 
     def drive(self, target: Target, concurrency: int, label: str) -> Measurement:
         m = self.gen.run(target, self.result.ceiling.spec, concurrency,
@@ -400,7 +401,7 @@ class _Run:
         self.progress(f"  {replicas} engine replica(s) on: {'; '.join(devices)}")
         for c in s.concurrency:
             for mode in s.modes:
-                target = Target(MODES[mode], s.model, APP_NAME, self.url)
+                target = Target(MODES[mode], self.model, APP_NAME, self.url)
                 self.result.scaling[(mode, c, replicas)] = self.drive(
                     target, c, f"trtserve {mode}, {replicas} engine replica(s)")
 
@@ -410,16 +411,16 @@ class _Run:
                                            else [])}):
             for mode in s.modes:
                 kind = MODES[mode]
-                target = Target(kind, s.model, APP_NAME, self.url)
+                target = Target(kind, self.model, APP_NAME, self.url)
                 self.result.points[(mode, batching, c)] = self.drive(
                     target, c, f"trtserve {mode}, batching {batching}")
         if batching == "off" and "handle" in s.modes:
-            self.result.direct = self.drive(Target("direct", s.model, APP_NAME),
+            self.result.direct = self.drive(Target("direct", self.model, APP_NAME),
                                             s.breakdown_concurrency, "direct to EngineReplica")
 
     def recover(self, fault: str) -> Recovery:
         injections = _Injections(self.setup, fault)
-        m = self.gen.run(Target("trail", self.setup.model, APP_NAME), self.result.ceiling.spec,
+        m = self.gen.run(Target("trail", self.model, APP_NAME), self.result.ceiling.spec,
                          self.setup.recovery_concurrency, warmup_s=self.setup.warmup_s,
                          during=injections.until, seed=self.setup.seed + 1)
         hit = m.attempts > 1
@@ -443,7 +444,7 @@ class _Run:
         try:
             for c in s.concurrency:
                 self.result.points[(PEER_MODE, "on", c)] = self.drive(
-                    Target("peer", s.model, PEER_APP), c, PEER_MODE)
+                    Target("peer", self.model, PEER_APP), c, PEER_MODE)
         finally:
             serve.delete(PEER_APP)
 

@@ -50,6 +50,7 @@ class EngineRun:
 
 @dataclass(frozen=True)
 class Ceiling:
+    model: str  # the name the app serves it under (a path's stem)
     where: str  # model, backend and device
     spec: IOSpec
     runs: tuple[EngineRun, ...]
@@ -135,4 +136,4 @@ def measure_ceiling(model: str, backend: str, cache_dir: str, batch_sizes: tuple
         finally:
             engine.close()
     assert at_breakdown is not None  # ENGINE_VARIANTS is never empty
-    return Ceiling(where, spec, tuple(runs), at_breakdown)
+    return Ceiling(source.name, where, spec, tuple(runs), at_breakdown)

@@ -15,13 +15,16 @@ from deployments.bench_fastpath import (
     FastpathSetup,
     run_fastpath,
 )
+from engines.models import builtin_path
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
+    # Given as a path, as a user's own model is: the app serves it under the file's stem.
     setup = FastpathSetup(
-        cache_dir=str(cache_dir), concurrency=(1, 4), seconds=0.5, warmup_s=0.3,
+        model=str(builtin_path("tiny", cache_dir)), cache_dir=str(cache_dir),
+        concurrency=(1, 4), seconds=0.5, warmup_s=0.3,
         ceiling_batch_sizes=(1, 4), ceiling_threads=(1,), ceiling_seconds=0.2,
         breakdown_concurrency=4, recovery_concurrency=4, recovery_faults=("context",),
         context_requests=1, recovery_limit_s=30, replica_sweep=(2, 1),
