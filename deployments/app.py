@@ -73,11 +73,24 @@ def bind_engine(args: AppArgs) -> Application:
     ).bind(args.engine_config())
 
 
+# Serve runs a replica's user code, and the router of each handle it holds, on event loops
+# of their own threads by default, so each request crosses threads several times. The
+# Router only awaits (a long decode or encode goes to a worker), so it runs both on its
+# replica's own loop: HTTP binary +21% on the 2-core machine (docs/benchmarks.md). These
+# are two of the settings of Serve's throughput mode, without its gRPC, under which the
+# bench stalled; Serve reads them when the process starts, hence the runtime_env.
+ROUTER_PROCESS_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
 def bind_router(args: AppArgs, engine: Application) -> Application:
     routers = router_replicas(args.router_replicas)
     return Router.options(
         num_replicas=routers,
-        ray_actor_options={"num_cpus": args.router_cpus},
+        ray_actor_options={"num_cpus": args.router_cpus,
+                           "runtime_env": {"env_vars": ROUTER_PROCESS_ENV}},
         # Serve's default of 5 collapses throughput under concurrent callers; the router
         # only awaits replicas, so it can hold many requests at once.
         max_ongoing_requests=args.router_max_ongoing_requests,

@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import requests
 import yaml
 from ray import serve
+from ray.serve._private.constants import SERVE_NAMESPACE
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
+from deployments.app import APP_NAME
 from engines import models
 from engines.errors import InvalidInput, ReplicaFailure
 
@@ -65,6 +68,24 @@ def test_each_replica_gets_its_own_gpu_or_a_share(http_port: int, cache_dir: Pat
     deploy(cache_dir, gpus_per_replica=0.5)
     shared = [tuple(r["device"]["ray_gpu_ids"]) for r in describe_all()]
     assert len(shared) == 2 and shared[0] == shared[1]
+
+
+def test_the_router_runs_on_its_replicas_own_event_loop(http_port: int, cache_dir: Path) -> None:
+    deploy(cache_dir, router_replicas=2)
+
+    def serve_loop_settings(_: object) -> tuple[bool, bool]:
+        from ray.serve._private import constants
+
+        return (constants.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD,
+                constants.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP)
+
+    routers = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == SERVE_NAMESPACE and f"{APP_NAME}#Router#" in a["name"]]
+    assert len(routers) == 2, routers
+    for name in routers:
+        router = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        # Neither user code nor the engine handle's router on a thread of its own.
+        assert ray.get(router.__ray_call__.remote(serve_loop_settings)) == (False, False)
 
 
 def test_a_context_fault_is_retried_in_the_same_replica(http_port: int, cache_dir: Path) -> None:
