@@ -32,6 +32,9 @@
 #   bash tests/gpu_session.sh defaults  the shipped defaults (HAProxy, batching on) by handle
 #                                       and HTTP binary at 1, 64 and 256 callers, the peer,
 #                                       and recovery from context faults, written as docs
+#   bash tests/gpu_session.sh inflight  HTTP binary at 64 and 256 callers with more batches in
+#                                       flight than the defaults: 2 per Router, 8 contexts per
+#                                       replica, both
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
@@ -160,6 +163,16 @@ modes)
       --batching on --modes handle "http binary" --no-peer --recovery-faults $flag \
       --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
       | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/modes.txt"
+  done
+  ;;
+inflight)
+  for variant in "" "--router-batches-in-flight 2" "--pool-size 8" \
+                 "--pool-size 8 --router-batches-in-flight 2"; do
+    echo "== variant '$variant' $(date +%T)" | tee -a "$OUT/inflight.txt"
+    timeout -k 10 140 $BENCH --concurrency 64 256 --seconds 8 --warmup-s 3 --batching on \
+      --modes "http binary" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+      --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
+      | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/inflight.txt"
   done
   ;;
 ab)
