@@ -24,10 +24,8 @@ without one instead of failing at import.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +39,6 @@ from .errors import (
     OutOfMemory,
     TrtServeError,
 )
-
-log = logging.getLogger(__name__)
 
 # Source of every table below: the cudaError_t reference of the CUDA Runtime API
 # (https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__TYPES.html), whose text
@@ -363,63 +359,6 @@ class Stream:
         if self._stream is not None:
             stream, self._stream = self._stream, None
             check(_runtime().cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-
-class DeviceInputs:
-    """One context's inputs on the device: a buffer per input, grown to the largest batch it
-    has seen and reused, filled by copies that release the GIL (cuda-python's bindings do
-    since 12.9.1), on a stream of its own.
-
-    ONNX Runtime's ``bind_cpu_input`` makes the same copy inside a call that holds the GIL,
-    which stalls every other thread of the replica for as long as the copy takes."""
-
-    def __init__(self, ordinal: int) -> None:
-        self.ordinal = ordinal
-        set_device(ordinal)
-        self.stream = Stream()
-        self.buffers: dict[str, DeviceBuffer] = {}
-
-    def upload(self, inputs: Mapping[str, np.ndarray], rows: int, what: str
-               ) -> dict[str, tuple[int, tuple[int, ...]]]:
-        """Each input copied to its buffer, zero rows after its own up to ``rows`` (at least
-        its own), synchronized; returns each one's device pointer and padded shape."""
-        runtime = _runtime()
-        set_device(self.ordinal)
-        sources = {name: np.ascontiguousarray(value) for name, value in inputs.items()}
-        bound: dict[str, tuple[int, tuple[int, ...]]] = {}
-        for name, src in sources.items():
-            shape = (max(rows, src.shape[0]), *src.shape[1:]) if src.ndim else src.shape
-            nbytes = int(np.prod(shape, dtype=np.int64)) * src.dtype.itemsize
-            buffer = self.buffers.get(name)
-            if buffer is None or buffer.nbytes < nbytes:
-                if buffer is not None:
-                    self.buffers.pop(name).free()
-                buffer = self.buffers[name] = DeviceBuffer(nbytes)
-            check(runtime.cudaMemcpyAsync(buffer.ptr, src.ctypes.data, src.nbytes,
-                                          runtime.cudaMemcpyKind.cudaMemcpyHostToDevice,
-                                          self.stream.handle),
-                  f"{what}: cudaMemcpyAsync of input {name!r} ({src.nbytes} bytes)")
-            if nbytes > src.nbytes:
-                check(runtime.cudaMemsetAsync(buffer.ptr + src.nbytes, 0, nbytes - src.nbytes,
-                                              self.stream.handle),
-                      f"{what}: cudaMemsetAsync of input {name!r}'s padding")
-            bound[name] = (buffer.ptr, shape)
-        # The run that reads them is on ONNX Runtime's own stream.
-        self.stream.synchronize(what)
-        return bound
-
-    def close(self, what: str) -> None:
-        """Frees everything; a device that is already broken only gets a warning logged."""
-        buffers, self.buffers = self.buffers, {}
-        for name, buffer in buffers.items():
-            try:
-                buffer.free()
-            except TrtServeError as exc:
-                log.warning("%s: freeing input %r's device buffer failed: %s", what, name, exc)
-        try:
-            self.stream.destroy()
-        except TrtServeError as exc:
-            log.warning("%s: destroying its input stream failed: %s", what, exc)
 
 
 def copy_to_device_async(dst: DeviceBuffer, src: PinnedBuffer, nbytes: int, stream: Stream,

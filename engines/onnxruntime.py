@@ -17,7 +17,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from .backend import LoadOptions
-from .cuda import DeviceInputs, error_from_text, visible_device_count
+from .cuda import error_from_text, visible_device_count
 from .errors import ContextFailure, EngineLoadFailure, InvalidInput, TrtServeError
 from .models import ModelSource
 from .spec import DYNAMIC, IOSpec, TensorSpec
@@ -96,8 +96,6 @@ class OnnxRuntimeContext:
         }
         self._run_options: Any = ort.RunOptions()
         self._run_options.logid = f"{engine.name}-ctx{generation}"
-        self._device_inputs = (DeviceInputs(engine.device_id) if engine.ort_device == "cuda"
-                               else None)
 
     def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._bindings is None:
@@ -109,16 +107,8 @@ class OnnxRuntimeContext:
         try:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            # Strings stay on the host: ONNX Runtime keeps them there on any device.
-            if self._device_inputs is not None and not any(
-                    v.dtype.hasobject for v in inputs.values()):
-                bound = self._device_inputs.upload(inputs, bucket, what)
-                for name, (ptr, shape) in bound.items():
-                    binding.bind_input(name, "cuda", self.engine.device_id,
-                                       inputs[name].dtype.type, shape, ptr)
-            else:
-                for name, value in inputs.items():
-                    binding.bind_cpu_input(name, _padded(np.ascontiguousarray(value), bucket))
+            for name, value in inputs.items():
+                binding.bind_cpu_input(name, _padded(np.ascontiguousarray(value), bucket))
             for name in self.engine.spec.output_names:
                 binding.bind_output(name, self.engine.ort_device, self.engine.device_id)
             self.engine.sessions[bucket].run_with_iobinding(binding, self._run_options)
@@ -135,9 +125,6 @@ class OnnxRuntimeContext:
 
     def close(self) -> None:
         self._bindings = None
-        if self._device_inputs is not None:
-            self._device_inputs.close(f"{self.engine.name} (context {self.generation})")
-            self._device_inputs = None
 
 
 ANY_ROWS = 0  # the session that takes any batch size
