@@ -1,6 +1,6 @@
 """Router: the ingress (HTTP and handle calls) in front of the engine replicas.
 
-A request is decoded (HTTP only, on a worker thread), validated once against the model's
+A request is decoded (HTTP only; http.Codec says where), validated once against the model's
 IOSpec (a bad one is a 400 before any replica sees it), then handed to the attempt loop
 (``attempts.AttemptLoop``), which tries one replica after another within one deadline.
 """
