@@ -157,7 +157,7 @@ class FastpathResult:
             ("engine in process (one thread and context per caller)", engine.p50_ms,
              engine.rows_per_s, "-"),
             ("replica's own execution (trail ms, direct calls)",
-             float(np.nanpercentile(self.direct.replica_ms, 50)), None,
+             self.direct.replica_p50_ms, None,
              "running inside a served replica instead of alone"),
             ("direct handle to EngineReplica", self.direct.pct(50), self.direct.throughput,
              "one Serve hop: handle routing, serialization, replica queue and thread"),
@@ -256,11 +256,8 @@ def _batch(m: Measurement) -> str:
     return "-" if np.isnan(m.mean_batch) else f"{m.mean_batch:.1f}"
 
 
-def _replica_p50(m: Measurement) -> str:
-    """The last attempt's time in the replica, from the trails; the rest of a request's time
-    is the client's, the ingress's and the Router's."""
-    known = m.replica_ms[~np.isnan(m.replica_ms)]
-    return f"{np.percentile(known, 50):.2f} ms" if len(known) else "-"
+def _ms(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.2f} ms"
 
 
 def _pcts(values: np.ndarray) -> tuple[float, float]:
@@ -397,7 +394,7 @@ class _Run:
         self.progress(f"  {label:<40} c={concurrency:<4} {m.throughput:8.0f} req/s  "
                       f"p50 {m.pct(50):7.2f} ms  p99 {m.pct(99):7.2f} ms  "
                       f"{self.result.ratio(m):.3g}x ceiling  batch {_batch(m)}  "
-                      f"in replica p50 {_replica_p50(m)}  "
+                      f"in replica p50 {_ms(m.replica_p50_ms)}  "
                       f"failed {m.failed}  "
                       f"generator CPU {m.generator_cpu:.0%}")
         return m

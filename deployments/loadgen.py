@@ -109,6 +109,14 @@ class Measurement:
         return float(np.percentile(self.latency_ms, q)) if len(self.latency_ms) else np.nan
 
     @property
+    def replica_p50_ms(self) -> float:
+        """The last attempt's time in the replica, from the trails (p50); NaN for a path
+        whose answers carry no trail. The rest of a request's time is the client's, the
+        ingress's and the Router's."""
+        known = self.replica_ms[~np.isnan(self.replica_ms)]
+        return float(np.percentile(known, 50)) if len(known) else np.nan
+
+    @property
     def mean_batch(self) -> float:
         """Rows per execution, averaged over requests (so as each request saw it); NaN for a
         path whose answers carry no trail."""

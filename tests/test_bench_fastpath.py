@@ -29,7 +29,8 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
         breakdown_concurrency=4, recovery_concurrency=4, recovery_faults=("context",),
         context_requests=1, recovery_limit_s=30, replica_sweep=(2, 1),
     )
-    result = run_fastpath(setup, progress=lambda _: None)
+    lines: list[str] = []
+    result = run_fastpath(setup, progress=lines.append)
 
     expected = {(m, b, c) for m in MODES for b in ("off", "on") for c in (1, 4)}
     expected |= {(PEER_MODE, "on", c) for c in (1, 4)}
@@ -45,6 +46,14 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
             assert 1.0 <= m.mean_batch <= c, (mode, c, m.mean_batch)
         elif mode == "handle":
             assert math.isnan(m.mean_batch), (mode, c)
+    # The replica's share of a request, from the trails: a part of the request's own time.
+    for (mode, _, c), m in result.points.items():
+        if mode.startswith("http"):
+            assert 0 < m.replica_p50_ms <= m.pct(50), (mode, c, m.replica_p50_ms)
+        else:
+            assert math.isnan(m.replica_p50_ms), (mode, c)
+    point_lines = [line for line in lines if line.startswith("  trtserve ")]
+    assert point_lines and all("in replica p50 " in line for line in point_lines)
     table = result.table()
     assert len(table.splitlines()) == 3 + len(expected)  # header, rule, ceiling, the points
     assert [r.fault for r in result.recovery] == ["context"]
