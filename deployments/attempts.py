@@ -279,7 +279,13 @@ class AttemptLoop:
                         local_retries=retries.policy.local_retries,
                         deadline_s=budget_s,
                     )
-                    return await response  # type: ignore[no-any-return]
+                    outputs, trail = await response
+                    if trail:
+                        # The attempt as the Router saw it, beside the replica's own ``ms``:
+                        # the difference is the hop there and back.
+                        trail[-1]["router_ms"] = round(
+                            (time.perf_counter() - started) * 1000.0, 3)
+                    return outputs, trail
         except TimeoutError:
             if response is not None:
                 response.cancel()  # the replica stops it: no execution left running

@@ -394,7 +394,8 @@ class _Run:
         self.progress(f"  {label:<40} c={concurrency:<4} {m.throughput:8.0f} req/s  "
                       f"p50 {m.pct(50):7.2f} ms  p99 {m.pct(99):7.2f} ms  "
                       f"{self.result.ratio(m):.3g}x ceiling  batch {_batch(m)}  "
-                      f"in replica p50 {_ms(m.replica_p50_ms)}  "
+                      f"attempt p50 {_ms(m.router_p50_ms)} (in replica "
+                      f"{_ms(m.replica_p50_ms)})  "
                       f"failed {m.failed}  "
                       f"generator CPU {m.generator_cpu:.0%}")
         return m

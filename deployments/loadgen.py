@@ -79,6 +79,7 @@ class Records:
     # the Router learnt of the failure. NaN where unknown.
     first_ms: np.ndarray
     batch: np.ndarray  # rows in the last attempt's execution; NaN where unknown
+    router_ms: np.ndarray  # the last attempt as the Router timed it; NaN where unknown
     cpu_s: float
     wall_s: float
 
@@ -97,6 +98,7 @@ class Measurement:
     replica_ms: np.ndarray
     first_ms: np.ndarray
     batch: np.ndarray
+    router_ms: np.ndarray
     failed: int
     seconds: float
     generator_cpu: float  # the busiest generator process's CPU use, in cores
@@ -113,8 +115,14 @@ class Measurement:
         """The last attempt's time in the replica, from the trails (p50); NaN for a path
         whose answers carry no trail. The rest of a request's time is the client's, the
         ingress's and the Router's."""
-        known = self.replica_ms[~np.isnan(self.replica_ms)]
-        return float(np.percentile(known, 50)) if len(known) else np.nan
+        return _p50(self.replica_ms)
+
+    @property
+    def router_p50_ms(self) -> float:
+        """The last attempt from the Router's side (p50): the replica's time and the hop
+        there and back. The rest of a request's time is the client's, the ingress's, the
+        codec's and the wait in the Router's batch queue."""
+        return _p50(self.router_ms)
 
     @property
     def mean_batch(self) -> float:
@@ -122,6 +130,11 @@ class Measurement:
         path whose answers carry no trail."""
         known = self.batch[~np.isnan(self.batch)]
         return float(known.mean()) if len(known) else np.nan
+
+
+def _p50(values: np.ndarray) -> float:
+    known = values[~np.isnan(values)]
+    return float(np.percentile(known, 50)) if len(known) else np.nan
 
 
 def _random_inputs(spec: IOSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -146,16 +159,18 @@ def build_requests(job: Job) -> list[Any]:
 Send = Callable[[Any], Any]
 
 
-# attempts, the last one's ms, the first one's ms, the rows of the last one's execution
-TrailInfo = tuple[int, float, float, float]
-NO_TRAIL: TrailInfo = (0, np.nan, np.nan, np.nan)
+# attempts, the last one's ms, the first one's ms, the rows of the last one's execution, the
+# last one's router_ms
+TrailInfo = tuple[int, float, float, float, float]
+NO_TRAIL: TrailInfo = (0, np.nan, np.nan, np.nan, np.nan)
 
 
 def _trail_info(trail: list[dict[str, Any]]) -> TrailInfo:
     if not trail:
         return NO_TRAIL
     last = trail[-1]
-    return len(trail), float(last["ms"]), float(trail[0]["ms"]), float(last.get("batch") or 1)
+    return (len(trail), float(last["ms"]), float(trail[0]["ms"]), float(last.get("batch") or 1),
+            float(last.get("router_ms", np.nan)))
 
 
 def _sender(target: Target, session: Any) -> Send:
@@ -207,7 +222,7 @@ def _sender(target: Target, session: Any) -> Send:
 
 async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
                  affected: Synchronized) -> Records:
-    rows: list[tuple[float, float, bool, int, float, float, float]] = []
+    rows: list[tuple[float, float, bool, int, float, float, float, float]] = []
     session = None
     if job.target.kind in HTTP_KINDS:
         import aiohttp  # a dependency of ray[serve]; far less CPU per request than httpx
@@ -239,11 +254,12 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
             began = time.monotonic()
             try:
                 async with asyncio.timeout(job.timeout_s):  # no task per request, unlike wait_for
-                    attempts, replica_ms, first_ms, batch = await send(request)
+                    attempts, replica_ms, first_ms, batch, router_ms = await send(request)
                 ok = True
             except Exception:  # counted as failed; the run goes on
-                (attempts, replica_ms, first_ms, batch), ok = NO_TRAIL, False
-            rows.append((began, time.monotonic(), ok, attempts, replica_ms, first_ms, batch))
+                (attempts, replica_ms, first_ms, batch, router_ms), ok = NO_TRAIL, False
+            rows.append((began, time.monotonic(), ok, attempts, replica_ms, first_ms, batch,
+                         router_ms))
             if attempts > 1:  # the parent stops a recovery run on this count
                 with affected.get_lock():
                     affected.value += 1
@@ -256,10 +272,10 @@ async def _drive(job: Job, requests: list[Any], conn: Connection, stop: Any,
         if session is not None:
             await session.close()
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 7
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 8
     return Records(np.array(cols[0], float), np.array(cols[1], float), np.array(cols[2], bool),
                    np.array(cols[3], int), np.array(cols[4], float), np.array(cols[5], float),
-                   np.array(cols[6], float), cpu, max(wall, 1e-9))
+                   np.array(cols[6], float), np.array(cols[7], float), cpu, max(wall, 1e-9))
 
 
 def _worker(conn: Connection, stop: Any, affected: Synchronized, ray_address: str) -> None:
@@ -354,9 +370,10 @@ def _check(reply: Any) -> Any:
 
 
 def _window(parts: list[Records], begin: float, end: float) -> Measurement:
-    started, ended, ok, attempts, replica_ms, first_ms, batch = (
+    started, ended, ok, attempts, replica_ms, first_ms, batch, router_ms = (
         np.concatenate([getattr(p, f) for p in parts])
-        for f in ("started", "ended", "ok", "attempts", "replica_ms", "first_ms", "batch")
+        for f in ("started", "ended", "ok", "attempts", "replica_ms", "first_ms", "batch",
+                  "router_ms")
     )
     inside = (ended >= begin) & (ended <= end)
     good = inside & ok
@@ -366,6 +383,7 @@ def _window(parts: list[Records], begin: float, end: float) -> Measurement:
         replica_ms=replica_ms[good],
         first_ms=first_ms[good],
         batch=batch[good],
+        router_ms=router_ms[good],
         failed=int((inside & ~ok).sum()),
         seconds=end - begin,
         generator_cpu=max(p.cpu_use for p in parts),

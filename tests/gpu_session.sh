@@ -35,6 +35,9 @@
 #   bash tests/gpu_session.sh inflight  HTTP binary at 64 and 256 callers with more batches in
 #                                       flight than the defaults: 2 per Router, 8 contexts per
 #                                       replica, both
+#   bash tests/gpu_session.sh hops      256 callers: the attempt as the Router timed it against
+#                                       the replica's share, under the defaults and variants
+#                                       that each shorten one hop
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
@@ -173,6 +176,22 @@ inflight)
       --modes "http binary" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
       --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
       | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/inflight.txt"
+  done
+  ;;
+hops)
+  # Where a request's time goes at 256 callers (each load point prints the attempt as the
+  # Router timed it and the replica's share of it), under the defaults and under variants
+  # that each shorten one hop: Serve's replica loop for the EngineReplicas too, Ray's inline
+  # arguments instead of its object store, and more batches in flight.
+  for variant in "" "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" \
+                 "RAY_max_direct_call_object_size=67108864 RAY_task_rpc_inlined_bytes_limit=134217728" \
+                 " --router-batches-in-flight 2" " --pool-size 8"; do
+    echo "== variant '$variant' $(date +%T)" | tee -a "$OUT/hops.txt"
+    env=${variant%% --*}; flag=${variant#"$env"}
+    env $env timeout -k 10 110 $BENCH --concurrency 256 --seconds 8 --warmup-s 3 \
+      --batching on --modes "http binary" handle --no-peer --recovery-faults $flag \
+      --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
+      | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/hops.txt"
   done
   ;;
 ab)

@@ -76,6 +76,7 @@ def test_batches_form_under_load_and_each_request_gets_its_own_rows(
     for x, result in zip(inputs, results, strict=True):
         trail = _assert_own_rows(x, result)
         assert trail[-1]["batch"] >= x["x"].shape[0]
+        assert trail[-1]["router_ms"] >= trail[-1]["ms"]
         batches.append(trail[-1]["batch"])
     assert max(batches) > 3, batches  # rows of several requests ran as one
 

@@ -184,6 +184,8 @@ def test_every_infer_answer_carries_the_attempt_trail(url: str) -> None:
     ok = requests.post(f"{url}/v2/models/tiny/infer", data=_json_infer(_x(1)), timeout=30)
     trail = json.loads(ok.headers["trtserve-attempts"])
     assert [a["outcome"] for a in trail] == ["ok"] and trail[0]["replica"]
+    # The Router's view of the attempt holds the replica's, with the hop both ways.
+    assert trail[0]["router_ms"] >= trail[0]["ms"] > 0
     bad = requests.post(f"{url}/v2/models/tiny/infer", data=b"{", timeout=30)
     assert bad.status_code == 400 and json.loads(bad.headers["trtserve-attempts"]) == []
 
