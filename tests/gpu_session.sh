@@ -42,6 +42,7 @@
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
 #                                       HTTP binary and handle calls at 64 and 256 callers
+#                                       (AB_CONCURRENCY="256": at 256 only)
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -200,7 +201,7 @@ ab)
     for side in before after; do
       dir=$here; [ $side = before ] && dir=$BEFORE
       echo "== $side, round $round $(date +%T)" | tee -a "$OUT/ab.txt"
-      (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout -k 10 200 $BENCH --concurrency 64 256 \
+      (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout -k 10 200 $BENCH --concurrency ${AB_CONCURRENCY:-64 256} \
         --seconds 8 --warmup-s 3 --batching on --modes "http binary" handle --no-peer \
         --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 \
         --generators 4 2>&1) | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/ab.txt"
