@@ -1,8 +1,8 @@
-"""ONNX Runtime backend: the engine is an InferenceSession, a context an IOBinding with its
-own RunOptions on that session.
+"""ONNX Runtime backend: the engine is an InferenceSession, a context its own RunOptions on
+that session.
 
 A session is expensive (graph optimization, weights on the device) and safe to run from
-several threads at once; an IOBinding is cheap and belongs to one request at a time, which
+several threads at once; a context is cheap and belongs to one request at a time, which
 is the same split as a TensorRT engine and its execution contexts. The CUDA provider is used
 when onnxruntime-gpu is installed and a GPU is visible; otherwise the CPU provider.
 """
@@ -86,33 +86,32 @@ def session_options(options: LoadOptions, use_cuda: bool) -> ort.SessionOptions:
 
 
 class OnnxRuntimeContext:
-    """An IOBinding per session and one RunOptions on the engine: one request at a time."""
+    """One RunOptions (its own ``terminate`` flag) on the engine's sessions: one request at a
+    time.
+
+    ``InferenceSession.run`` copies the inputs to the device and the outputs back inside the
+    part of the call that releases the GIL. An IOBinding's ``bind_cpu_input`` made the same
+    copy holding it, which stalled every other thread of a loaded replica for as long as the
+    copy took (docs/benchmarks.md)."""
 
     def __init__(self, engine: OnnxRuntimeEngine, generation: int) -> None:
         self.engine = engine
         self.generation = generation
-        self._bindings: dict[int, Any] | None = {
-            rows: session.io_binding() for rows, session in engine.sessions.items()
-        }
+        self.closed = False
         self._run_options: Any = ort.RunOptions()
         self._run_options.logid = f"{engine.name}-ctx{generation}"
 
     def execute(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._bindings is None:
+        if self.closed:
             raise ContextFailure(f"{self.engine.name}: context {self.generation} is closed")
         what = f"{self.engine.name} (context {self.generation})"
         rows = _rows(inputs)
         bucket = self.engine.bucket_for(rows)
-        binding = self._bindings[bucket]
+        feeds = {name: _padded(np.ascontiguousarray(value), bucket)
+                 for name, value in inputs.items()}
         try:
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            for name, value in inputs.items():
-                binding.bind_cpu_input(name, _padded(np.ascontiguousarray(value), bucket))
-            for name in self.engine.spec.output_names:
-                binding.bind_output(name, self.engine.ort_device, self.engine.device_id)
-            self.engine.sessions[bucket].run_with_iobinding(binding, self._run_options)
-            values = binding.copy_outputs_to_cpu()
+            values = self.engine.sessions[bucket].run(self.engine.spec.output_names, feeds,
+                                                      self._run_options)
         except Exception as exc:  # every ORT failure becomes a taxonomy error
             raise map_error(exc, what) from exc
         if bucket != ANY_ROWS and bucket != rows:
@@ -124,7 +123,7 @@ class OnnxRuntimeContext:
         self._run_options.terminate = True
 
     def close(self) -> None:
-        self._bindings = None
+        self.closed = True
 
 
 ANY_ROWS = 0  # the session that takes any batch size
