@@ -2,7 +2,7 @@
 
 An Engine is loaded once per process (a TensorRT ICudaEngine, an ONNX Runtime
 InferenceSession) and owns the weights; a Context is a cheap, disposable execution state on it
-(an IExecutionContext with its stream and buffers, an IOBinding with its RunOptions). A failed
+(an IExecutionContext with its stream and buffers, an ONNX Runtime RunOptions). A failed
 context is thrown away and replaced; a failed engine (DeviceFailure) poisons the process.
 
 Backends are looked up by name and imported only when asked for, so a machine without
