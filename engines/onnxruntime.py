@@ -107,9 +107,9 @@ class OnnxRuntimeContext:
         what = f"{self.engine.name} (context {self.generation})"
         rows = _rows(inputs)
         bucket = self.engine.bucket_for(rows)
-        feeds = {name: _padded(np.ascontiguousarray(value), bucket)
-                 for name, value in inputs.items()}
         try:
+            feeds = {name: _padded(np.ascontiguousarray(value), bucket)
+                     for name, value in inputs.items()}
             values = self.engine.sessions[bucket].run(self.engine.spec.output_names, feeds,
                                                       self._run_options)
         except Exception as exc:  # every ORT failure becomes a taxonomy error

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from engines import models
 from engines.backend import LoadOptions, load_engine
-from engines.errors import EngineLoadFailure, InvalidInput
+from engines.errors import ContextFailure, EngineLoadFailure, InvalidInput
 from engines.runner import ModelRunner
 from engines.spec import DYNAMIC
 
@@ -110,6 +110,24 @@ def test_bad_inputs_name_the_tensor(tiny: models.ModelSource, inputs, message: s
     spec = load_engine(tiny, "onnxruntime", LoadOptions(max_batch=8)).spec
     with pytest.raises(InvalidInput, match=message):
         spec.validate(inputs)
+
+
+class _Unreadable:
+    """Array-shaped, but its data cannot be read: numpy raises on the copy."""
+
+    shape = (1, 16)
+    ndim = 2
+
+    def __array__(self, *_: object, **__: object) -> np.ndarray:
+        raise ValueError("the buffer went away")
+
+
+def test_a_failure_preparing_the_inputs_is_a_context_failure(tiny: models.ModelSource) -> None:
+    """Every failure of an execution is a taxonomy error, so the runner retries it on a fresh
+    context instead of an unexpected exception ending the request."""
+    context = load_engine(tiny, "onnxruntime").create_context(0)
+    with pytest.raises(ContextFailure, match="the buffer went away"):
+        context.execute({"x": _Unreadable()})  # type: ignore[dict-item]
 
 
 def test_a_file_onnx_runtime_rejects_is_a_load_failure(tmp_path) -> None:
