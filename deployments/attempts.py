@@ -1,9 +1,9 @@
 """The attempt loop: one validated request, tried on one replica after another within one
 deadline, alone or in a dynamic batch.
 
-Each attempt picks its replica with ``choose_replica`` (so even an attempt that times out
-knows whom to blame), sends with ``dispatch`` (telling the replica the attempt's time and the
-local retries it may spend) and awaits the answer inside the selection block. A batch
+Each attempt is one ``handle.remote()`` call, telling the replica the attempt's time and the
+local retries it may spend; the request router reports the replica that accepted it
+(``routed.py``), so even an attempt that times out or dies knows whom to blame. A batch
 (``batcher.py``) is one attempt for all its requests; after it fails, each request goes on as
 its own (``_after_batch_failure``). What to do after each failure is decided by
 ``policy.RequestRetries``; this module only acts: it waits, cancels an abandoned attempt,
@@ -30,6 +30,7 @@ from .batcher import Batcher, Pending, concatenate, own_request, router_slots, s
 from .catalogue import ModelInfo
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
 from .ray_errors import FailedAttempt, failed_attempt, outcome
+from .routed import Routed
 
 Outputs = dict[str, np.ndarray]
 Trail = list[dict[str, Any]]
@@ -258,45 +259,32 @@ class AttemptLoop:
     async def _attempt(
         self, model: str, inputs: dict[str, np.ndarray], retries: RequestRetries
     ) -> tuple[Outputs, Trail]:
-        loop = asyncio.get_running_loop()
-        replica: str | None = None
         response: DeploymentResponse | None = None
         started = time.perf_counter()
-        method = self.engine.infer
+        routed = Routed(retries.remaining_s(), retries.attempt_timeout_s)
         try:
-            # Choosing may wait (every replica full): bounded by the deadline.
-            async with asyncio.timeout(retries.remaining_s()) as scope:
-                async with method.choose_replica(
-                    model, exclude=retries.exclude_now(), ejected=retries.ejected_now()
-                ) as chosen:
-                    replica = chosen.replica_id
-                    budget_s = retries.attempt_timeout_s()
-                    scope.reschedule(loop.time() + budget_s)
-                    response = method.dispatch(
-                        chosen,
-                        model,
-                        inputs,
-                        local_retries=retries.policy.local_retries,
-                        deadline_s=budget_s,
-                    )
-                    outputs, trail = await response
-                    if trail:
-                        # The attempt as the Router saw it, beside the replica's own ``ms``:
-                        # the difference is the hop there and back.
-                        trail[-1]["router_ms"] = round(
-                            (time.perf_counter() - started) * 1000.0, 3)
-                    return outputs, trail
+            async with routed:
+                response = self.engine.infer.remote(
+                    model,
+                    inputs,
+                    local_retries=retries.policy.local_retries,
+                    deadline_s=retries.attempt_timeout_s(),
+                    exclude=retries.exclude_now(),
+                    ejected=retries.ejected_now(),
+                    attempt_id=routed.attempt_id,
+                )
+                outputs, trail = await response
         except TimeoutError:
             if response is not None:
                 response.cancel()  # the replica stops it: no execution left running
-            if replica is None:
+            if routed.replica_id is None:
                 raise retries.deadline_exceeded() from None
             err = ReplicaFailure(
-                f"attempt on replica {replica} timed out after "
+                f"attempt on replica {routed.replica_id} timed out after "
                 f"{(time.perf_counter() - started):.3f} s",
-                replica_id=replica,
+                replica_id=routed.replica_id,
             )
-            raise FailedAttempt(err, replica, timed_out=True) from None
+            raise FailedAttempt(err, routed.replica_id, timed_out=True) from None
         except asyncio.CancelledError:
             if response is not None:
                 response.cancel()  # the caller is gone: so is the work done for it
@@ -304,7 +292,12 @@ class AttemptLoop:
         except BackPressureError:
             raise
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
-            raise failed_attempt(exc, replica) from None
+            raise failed_attempt(exc, routed.replica_id) from None
+        if trail:
+            # The attempt as the Router saw it, beside the replica's own ``ms``: the
+            # difference is the hop there and back.
+            trail[-1]["router_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        return outputs, trail
 
 
 def _copy(err: TrtServeError) -> TrtServeError:

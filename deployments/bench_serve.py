@@ -9,9 +9,10 @@ hits them alike:
 - ``pass-through``: a router deployment that forwards each call and does nothing else,
   with the same max_ongoing_requests as ours;
 - ``pass-through, choose+dispatch``: the same, but picking the replica with
-  ``choose_replica`` and sending with ``dispatch`` as our Router does (the reservation that
-  makes the pick binding costs one more call to the replica);
-- ``trtserve``: our Router (validation, choose_replica/dispatch, retry bookkeeping);
+  ``choose_replica`` and sending with ``dispatch``, as our Router did until it learned the
+  accepting replica from the request router instead (routed.py): the reservation that makes
+  the pick binding costs one more call to the replica;
+- ``trtserve``: our Router (validation, batching, retry bookkeeping);
 - ``pass-through, Serve default``: the pass-through router left at Serve's default
   max_ongoing_requests (5), the collapse under concurrent callers that DESIGN.md records.
 """
@@ -68,7 +69,7 @@ class PassThrough:
     name="ChooseDispatch", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}
 )
 class ChooseDispatch:
-    """Forwards through choose_replica/dispatch: our Router's transport, none of its logic."""
+    """Forwards through choose_replica/dispatch: a reservation before each call."""
 
     def __init__(self, engine: DeploymentHandle) -> None:
         self.engine = engine

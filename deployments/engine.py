@@ -303,8 +303,9 @@ class ReplicaCore:
     request_router_config=RequestRouterConfig(request_router_class=AvoidFailedReplicasRouter),
 )
 class EngineReplica:
-    """The Serve face of ReplicaCore. ``exclude``/``target`` are routing arguments (see
-    routing.py); Serve passes them to the method too, so every method accepts them.
+    """The Serve face of ReplicaCore. ``exclude``, ``target``, ``ejected`` and
+    ``attempt_id`` are routing arguments (see routing.py); Serve passes them to the method
+    too, so the methods accept them.
 
     Each model has its own concurrency limit (its ``pool_size``), taken before a worker
     thread, so a slow model's queue never holds the threads of a fast one. A request waits
@@ -344,6 +345,8 @@ class EngineReplica:
         deadline_s: float = RetryPolicy.attempt_timeout_s,
         exclude: list[str] | None = None,
         target: str | None = None,
+        ejected: list[str] | None = None,
+        attempt_id: str | None = None,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + deadline_s

@@ -2,7 +2,7 @@
 
 Ray Serve's default router (power of two choices) knows nothing of our failures: plain
 Serve kept sending requests to a replica with a sticky CUDA error for 8 s. This router reads
-keyword arguments that the Router passes to ``choose_replica``:
+keyword arguments that the Router sends each attempt with:
 
 - ``exclude``: replica ids (``ReplicaID.unique_id``) this request must not go to: those
   that failed it;
@@ -15,6 +15,9 @@ keyword arguments that the Router passes to ``choose_replica``:
 
 Among what is left it keeps the default's power of two choices (the base class then probes
 the two queue lengths and takes the shorter, or backs off when both are full).
+
+When a replica accepts an attempt, it reports which one under the attempt's ``attempt_id``
+(``routed.py``): the Router blames a timeout or a death on that replica.
 
 It never waits itself: Ray 2.60 binds a routing task to one pending request until that
 request is fulfilled, and runs at most ``min(50, 2 x replicas)`` of them, so a request that
@@ -36,6 +39,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from engines.errors import ReplicaFailure
 
 from .replica_set import gone, publish
+from .routed import accepted
 
 
 def eligible(
@@ -86,6 +90,14 @@ class AvoidFailedReplicasRouter(RequestRouter):
             self._deployment_id.name,
             frozenset(r.replica_id.unique_id for r in self._replicas_list),
         )
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        attempt_id = _routing_kwargs(pending_request).get("attempt_id")
+        if attempt_id is not None:
+            accepted(attempt_id, replica_id.unique_id)
 
     async def choose_replicas(
         self,

@@ -1,0 +1,58 @@
+"""routed.Routed: an attempt waits for a replica within the request's time, then runs within
+its own, counted from the replica's acceptance, which the request router may report from
+another thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deployments.routed import Routed, accepted
+
+
+def test_an_attempt_no_replica_accepts_times_out_with_nobody_to_blame() -> None:
+    async def attempt() -> Routed:
+        routed = Routed(0.2, lambda: 60.0)
+        with pytest.raises(TimeoutError):
+            async with routed:
+                await asyncio.sleep(60)
+        return routed
+
+    assert asyncio.run(attempt()).replica_id is None
+
+
+def test_acceptance_starts_the_attempts_own_time_and_names_the_replica() -> None:
+    async def attempt() -> Routed:
+        routed = Routed(60.0, lambda: 0.2)
+        with pytest.raises(TimeoutError):
+            async with routed:
+                await asyncio.to_thread(accepted, routed.attempt_id, "replica-1")
+                await asyncio.sleep(60)
+        return routed
+
+    assert asyncio.run(attempt()).replica_id == "replica-1"
+
+
+def test_an_accepted_attempt_may_outlast_the_wait_for_a_replica() -> None:
+    async def attempt() -> Routed:
+        routed = Routed(2.0, lambda: 60.0)
+        async with routed:  # raises TimeoutError if the wait's 2 s still applied
+            await asyncio.to_thread(accepted, routed.attempt_id, "replica-2")
+            await asyncio.sleep(3.0)
+        return routed
+
+    assert asyncio.run(attempt()).replica_id == "replica-2"
+
+
+def test_a_report_after_the_attempt_ended_changes_nothing() -> None:
+    async def attempt() -> Routed:
+        routed = Routed(60.0, lambda: 0.0)
+        async with routed:
+            pass
+        accepted(routed.attempt_id, "late")
+        accepted("never-sent", "other")
+        await asyncio.sleep(0.05)  # a callback wrongly scheduled would run here
+        return routed
+
+    assert asyncio.run(attempt()).replica_id is None
