@@ -13,8 +13,11 @@ keyword arguments that the Router sends each attempt with:
   (Serve never reuses a replica id): the request fails at once with ReplicaFailure instead
   of backing off until its caller's timeout.
 
-Among what is left it keeps the default's power of two choices (the base class then probes
-the two queue lengths and takes the shorter, or backs off when both are full).
+Among what is left, the replicas with the fewest of this process's attempts in flight come
+first (``routed.in_flight``: exact the moment an attempt ends, where Serve's queue-length
+cache learns of it only later); among those it keeps the default's power of two choices
+(the base class then takes the shorter of the two cached queue lengths, probes when it has
+none, or goes on to the next rank when both are full).
 
 When a replica accepts an attempt, it reports which one under the attempt's ``attempt_id``
 (``routed.py``): the Router blames a timeout or a death on that replica.
@@ -39,7 +42,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from engines.errors import ReplicaFailure
 
 from .replica_set import gone, publish
-from .routed import accepted
+from .routed import accepted, in_flight
 
 
 def eligible(
@@ -67,6 +70,16 @@ def eligible(
     with_room = [r for r in allowed if r in room]
     soft = set(ejected)
     return [r for r in with_room if r not in soft] or with_room or allowed
+
+
+def by_own_load(replicas: Sequence[str], in_flight: dict[str, int]) -> list[list[str]]:
+    """Ranks for Serve to try in turn: the replicas with the fewest of this process's
+    attempts in flight first, and within each rank at most two, picked at random (power of
+    two choices: Serve takes the one with the shorter cached queue)."""
+    groups: dict[int, list[str]] = {}
+    for replica in replicas:
+        groups.setdefault(in_flight.get(replica, 0), []).append(replica)
+    return [random.sample(group, min(2, len(group))) for _, group in sorted(groups.items())]
 
 
 def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
@@ -131,5 +144,4 @@ class AvoidFailedReplicasRouter(RequestRouter):
             return []
         if pending_request is not None:
             pending_request.routing_context.should_backoff = False
-        picked = random.sample(chosen, min(2, len(chosen)))
-        return [[by_id[r] for r in picked]]
+        return [[by_id[r] for r in rank] for rank in by_own_load(chosen, in_flight())]

@@ -21,7 +21,7 @@ from deployments.policy import (
     RetryPolicy,
 )
 from deployments.ray_errors import failed_attempt, outcome
-from deployments.routing import eligible
+from deployments.routing import by_own_load, eligible
 from engines.errors import (
     ContextFailure,
     DeadlineExceeded,
@@ -62,6 +62,18 @@ def test_when_every_allowed_replica_looks_full_serve_probes_them_all() -> None:
 def test_a_target_is_the_only_candidate() -> None:
     assert eligible(["a", "b"], ["a", "b"], [], [], "b") == ["b"]
     assert eligible(["a", "b"], ["a", "b"], [], [], "gone") == []
+
+
+def test_the_replicas_with_fewest_own_attempts_in_flight_are_tried_first() -> None:
+    # b has just answered this process's attempt: it comes before a, still busy with one.
+    assert by_own_load(["a", "b"], {"a": 1}) == [["b"], ["a"]]
+    ranks = by_own_load(["a", "b", "c", "d"], {"a": 2, "b": 1})
+    assert sorted(ranks[0]) == ["c", "d"] and ranks[1:] == [["b"], ["a"]]
+
+
+def test_within_a_rank_two_replicas_are_offered_at_random() -> None:
+    seen = {tuple(sorted(by_own_load(["a", "b", "c"], {})[0])) for _ in range(200)}
+    assert seen == {("a", "b"), ("a", "c"), ("b", "c")}
 
 
 # --- answering at once -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from deployments.routed import Routed, accepted
+from deployments.routed import Routed, accepted, in_flight
 
 
 def test_an_attempt_no_replica_accepts_times_out_with_nobody_to_blame() -> None:
@@ -56,3 +56,31 @@ def test_a_report_after_the_attempt_ended_changes_nothing() -> None:
         return routed
 
     assert asyncio.run(attempt()).replica_id is None
+
+
+def test_an_attempt_counts_as_in_flight_from_its_acceptance_to_its_end() -> None:
+    async def attempts() -> list[dict[str, int]]:
+        seen = []
+        first, second = Routed(60.0, lambda: 60.0), Routed(60.0, lambda: 60.0)
+        async with first:
+            async with second:
+                seen.append(in_flight())
+                accepted(first.attempt_id, "replica-3")
+                accepted(second.attempt_id, "replica-3")
+                seen.append(in_flight())
+            seen.append(in_flight())
+        seen.append(in_flight())
+        return seen
+
+    assert asyncio.run(attempts()) == [{}, {"replica-3": 2}, {"replica-3": 1}, {}]
+
+
+def test_an_attempt_that_ends_by_timeout_or_failure_is_no_longer_in_flight() -> None:
+    async def attempt() -> None:
+        async with Routed(60.0, lambda: 0.05) as routed:
+            accepted(routed.attempt_id, "replica-4")
+            await asyncio.sleep(60)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(attempt())
+    assert in_flight() == {}
