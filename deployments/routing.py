@@ -72,13 +72,13 @@ def eligible(
     return [r for r in with_room if r not in soft] or with_room or allowed
 
 
-def by_own_load(replicas: Sequence[str], in_flight: dict[str, int]) -> list[list[str]]:
+def by_own_load(replicas: Sequence[str], attempts: dict[str, int]) -> list[list[str]]:
     """Ranks for Serve to try in turn: the replicas with the fewest of this process's
     attempts in flight first, and within each rank at most two, picked at random (power of
     two choices: Serve takes the one with the shorter cached queue)."""
     groups: dict[int, list[str]] = {}
     for replica in replicas:
-        groups.setdefault(in_flight.get(replica, 0), []).append(replica)
+        groups.setdefault(attempts.get(replica, 0), []).append(replica)
     return [random.sample(group, min(2, len(group))) for _, group in sorted(groups.items())]
 
 
@@ -87,7 +87,8 @@ def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
 
 
 class AvoidFailedReplicasRouter(RequestRouter):
-    """Power of two choices over the replicas a request has not been told to avoid."""
+    """Among the replicas a request has not been told to avoid: the least loaded by this
+    process's own attempts, then power of two choices."""
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
