@@ -38,6 +38,10 @@
 #   bash tests/gpu_session.sh hops      256 callers: the attempt as the Router timed it against
 #                                       the replica's share, under the defaults and variants
 #                                       that each shorten one hop
+#   bash tests/gpu_session.sh replicas [rounds]
+#                                       HTTP binary and handle calls at 256 callers with the
+#                                       GPU's contexts spread over more engine replica processes
+#                                       (2 x 4 contexts, the default, against 4 x 2, 4 x 4, 8 x 1)
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
@@ -193,6 +197,17 @@ hops)
       --batching on --modes "http binary" handle --no-peer --recovery-faults $flag \
       --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
       | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/hops.txt"
+  done
+  ;;
+replicas)
+  for round in $(seq "${2:-1}"); do
+    for variant in "" "--replicas 4 --pool-size 2" "--replicas 4" "--replicas 8 --pool-size 1"; do
+      echo "== variant '$variant', round $round $(date +%T)" | tee -a "$OUT/replicas.txt"
+      timeout -k 10 140 $BENCH --concurrency 256 --seconds 8 --warmup-s 3 --batching on \
+        --modes "http binary" handle --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+        --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
+        | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/replicas.txt"
+    done
   done
   ;;
 ab)
