@@ -9,12 +9,15 @@ the answer, so that an attempt that times out or dies is blamed on it: the reque
 the Router sent it with. Like replica_set.py, this lives apart from routing.py, which Serve
 pickles by value: state kept there would be a copy, not the process's own.
 
-It also counts each replica's attempts in flight from this process, from the acceptance to
-the end of the attempt. Serve's own queue-length cache learns of an answered request only
-after the Router has it (when the replica's task completes), so a batch sent at once after
-another's answer saw the replica that just answered as still busy: on the 2-core machine
-15-19% of requests then waited for a context behind another batch while the other replica
-idled. The request router ranks replicas by this count first (routing.py).
+It also counts each replica's attempts in flight from this process, from the moment the
+request router chooses the replica to the end of the attempt. Serve's own queue-length cache
+learns of an answered request only after the Router has it (when the replica's task
+completes), so a batch sent at once after another's answer saw the replica that just
+answered as still busy: on the 2-core machine 15-19% of requests then waited for a context
+behind another batch while the other replica idled. The request router ranks replicas by
+this count first (routing.py). Counting from the acceptance instead left a window of one
+round trip (10-30 ms on 2 cores) in which a second batch, routed while the first was not yet
+accepted, saw neither and could follow it to the same replica.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Routed:
     def __init__(self, waiting_s: float, running_s: Callable[[], float]) -> None:
         self.attempt_id = f"attempt-{next(_ids)}"
         self.replica_id: str | None = None
+        self._counted: str | None = None  # where in_flight() counts it
         self._running_s = running_s
         self._timeout = asyncio.timeout(waiting_s)
         self._loop = asyncio.get_running_loop()
@@ -63,15 +67,32 @@ class Routed:
         self._open = False
         with _lock:
             _waiting.pop(self.attempt_id, None)
-            if self.replica_id is not None:
-                _in_flight[self.replica_id] -= 1
-                if _in_flight[self.replica_id] <= 0:
-                    del _in_flight[self.replica_id]
+            self._count_on(None)
         return await self._timeout.__aexit__(exc_type, exc, tb)
+
+    def _count_on(self, replica_id: str | None) -> None:
+        """Under ``_lock``: count this attempt on ``replica_id`` (None: nowhere) instead."""
+        if self._counted is not None:
+            _in_flight[self._counted] -= 1
+            if _in_flight[self._counted] <= 0:
+                del _in_flight[self._counted]
+        self._counted = replica_id
+        if replica_id is not None:
+            _in_flight[replica_id] += 1
 
     def _run_from_now(self) -> None:
         if self._open and not self._timeout.expired():
             self._timeout.reschedule(self._loop.time() + self._running_s())
+
+
+def first_choice(attempt_id: str, replica_id: str) -> None:
+    """The request router's first choice for an attempt, before any replica accepts it:
+    counted there at once, so that an attempt routed meanwhile sees it. If another replica
+    accepts it after all (the first was full), ``accepted`` moves the count."""
+    with _lock:
+        routed = _waiting.get(attempt_id)
+        if routed is not None:
+            routed._count_on(replica_id)
 
 
 def accepted(attempt_id: str, replica_id: str) -> None:
@@ -82,12 +103,13 @@ def accepted(attempt_id: str, replica_id: str) -> None:
         if routed is None:
             return
         routed.replica_id = replica_id
-        _in_flight[replica_id] += 1
+        routed._count_on(replica_id)
     # Serve's request router may call this from a loop of its own thread.
     routed._loop.call_soon_threadsafe(routed._run_from_now)
 
 
 def in_flight() -> dict[str, int]:
-    """Per replica id, the attempts this process has in flight there (accepted, not ended)."""
+    """Per replica id, the attempts this process has in flight there (chosen or accepted,
+    not ended)."""
     with _lock:
         return dict(_in_flight)

@@ -15,9 +15,11 @@ keyword arguments that the Router sends each attempt with:
 
 Among what is left, the replicas with the fewest of this process's attempts in flight come
 first (``routed.in_flight``: exact the moment an attempt ends, where Serve's queue-length
-cache learns of it only later); among those it keeps the default's power of two choices
-(the base class then takes the shorter of the two cached queue lengths, probes when it has
-none, or goes on to the next rank when both are full).
+cache learns of it only later); among those it keeps the default's power of two choices, but
+makes the choice itself (the shorter of the two cached queue lengths) and offers the winner
+alone first, so that the attempt counts there at once (``routed.first_choice``), before the
+replica accepts it. The base class probes a replica whose length it has not cached, and goes
+on to the next rank when the first is full.
 
 When a replica accepts an attempt, it reports which one under the attempt's ``attempt_id``
 (``routed.py``): the Router blames a timeout or a death on that replica.
@@ -42,7 +44,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from engines.errors import ReplicaFailure
 
 from .replica_set import gone, publish
-from .routed import accepted, in_flight
+from .routed import accepted, first_choice, in_flight
 
 
 def eligible(
@@ -72,14 +74,20 @@ def eligible(
     return [r for r in with_room if r not in soft] or with_room or allowed
 
 
-def by_own_load(replicas: Sequence[str], attempts: dict[str, int]) -> list[list[str]]:
-    """Ranks for Serve to try in turn: the replicas with the fewest of this process's
-    attempts in flight first, and within each rank at most two, picked at random (power of
-    two choices: Serve takes the one with the shorter cached queue)."""
+def by_own_load(
+    replicas: Sequence[str], attempts: dict[str, int], queue_lens: dict[str, int | None]
+) -> list[list[str]]:
+    """Ranks for Serve to try in turn. Of the replicas with the fewest of this process's
+    attempts in flight, two at random (power of two choices): the one with the shorter cached
+    queue (``queue_lens``; unknown counts as empty, so that Serve probes it) alone in the
+    first rank, the other in the second. Then the rest, fewest attempts first, at most two at
+    random per rank, for Serve to compare."""
     groups: dict[int, list[str]] = {}
     for replica in replicas:
         groups.setdefault(attempts.get(replica, 0), []).append(replica)
-    return [random.sample(group, min(2, len(group))) for _, group in sorted(groups.items())]
+    ranks = [random.sample(group, min(2, len(group))) for _, group in sorted(groups.items())]
+    pair = sorted(ranks.pop(0), key=lambda r: queue_lens.get(r) or 0)
+    return [[r] for r in pair] + ranks
 
 
 def _routing_kwargs(pending_request: PendingRequest | None) -> dict[str, Any]:
@@ -145,4 +153,10 @@ class AvoidFailedReplicasRouter(RequestRouter):
             return []
         if pending_request is not None:
             pending_request.routing_context.should_backoff = False
-        return [[by_id[r] for r in rank] for rank in by_own_load(chosen, in_flight())]
+        cached = self.replica_queue_len_cache
+        ranks = by_own_load(chosen, in_flight(),
+                            {r: cached.get(by_id[r].replica_id) for r in chosen})
+        attempt_id = kwargs.get("attempt_id")
+        if attempt_id is not None:
+            first_choice(attempt_id, ranks[0][0])
+        return [[by_id[r] for r in rank] for rank in ranks]

@@ -113,6 +113,31 @@ def test_a_router_keeps_only_its_batches_in_flight_and_the_rest_gather(
     assert batches == [7] * 7, batches
 
 
+def test_a_batch_never_waits_for_a_context_while_the_other_replica_idles(
+    port: int, cache_dir: Path
+) -> None:
+    # Two replicas of one context each, every execution hanging: the Router's two batches in
+    # flight leave together and answer together, so the next two are routed within one
+    # acceptance's round trip. Each must take the replica the other did not
+    # (routed.first_choice); one that followed the other would wait a whole hang for its
+    # context. The wait is bimodal, under a millisecond or a whole hang: half a hang tells
+    # which, on any machine.
+    hang_s = 0.6
+    router = deploy(cache_dir, pool_size=1, router_replicas=1,
+                    faults=[{"kind": "hang", "seconds": hang_s, "count": 1000}])
+
+    def calls(caller: int) -> list[Any]:
+        inputs = [varied_inputs(100 * caller + i, rows=1) for i in range(12)]
+        return [(x, _call(router, x, timeout=30)) for x in inputs]
+
+    with ThreadPoolExecutor(8) as pool:
+        per_caller = list(pool.map(calls, range(8)))
+    answered = [_assert_own_rows(x, r)[-1] for results in per_caller for x, r in results]
+    waited = sorted(a["queue_ms"] for a in answered)
+    assert waited[-1] < hang_s * 1000 / 2, waited[-5:]
+    assert max(a["batch"] for a in answered) > 1  # the batches did form
+
+
 def test_a_poison_request_in_a_batch_fails_alone(port: int, cache_dir: Path) -> None:
     router = deploy(cache_dir, replicas=1, pool_size=1,
                     faults=[{"kind": "hang", "seconds": 3},

@@ -66,14 +66,25 @@ def test_a_target_is_the_only_candidate() -> None:
 
 def test_the_replicas_with_fewest_own_attempts_in_flight_are_tried_first() -> None:
     # b has just answered this process's attempt: it comes before a, still busy with one.
-    assert by_own_load(["a", "b"], {"a": 1}) == [["b"], ["a"]]
-    ranks = by_own_load(["a", "b", "c", "d"], {"a": 2, "b": 1})
-    assert sorted(ranks[0]) == ["c", "d"] and ranks[1:] == [["b"], ["a"]]
+    assert by_own_load(["a", "b"], {"a": 1}, {}) == [["b"], ["a"]]
+    ranks = by_own_load(["a", "b", "c", "d"], {"a": 2, "b": 1}, {})
+    assert sorted(ranks[0] + ranks[1]) == ["c", "d"] and ranks[2:] == [["b"], ["a"]]
 
 
-def test_within_a_rank_two_replicas_are_offered_at_random() -> None:
-    seen = {tuple(sorted(by_own_load(["a", "b", "c"], {})[0])) for _ in range(200)}
-    assert seen == {("a", "b"), ("a", "c"), ("b", "c")}
+def test_of_two_picked_at_random_the_shorter_cached_queue_comes_first_alone() -> None:
+    # One replica alone in the first rank: the attempt is counted there before it is sent.
+    lens = {"a": 3, "b": 1, "c": 2}
+    seen = set()
+    for _ in range(200):
+        first, second = by_own_load(["a", "b", "c"], {}, lens)
+        assert len(first) == len(second) == 1 and lens[first[0]] <= lens[second[0]]
+        seen.add((first[0], second[0]))
+    assert seen == {("b", "a"), ("c", "a"), ("b", "c")}
+
+
+def test_a_replica_with_no_cached_queue_length_is_not_passed_over() -> None:
+    # A replacement has no entry yet: counted as empty, it wins and Serve probes it.
+    assert by_own_load(["old", "new"], {}, {"old": 1, "new": None})[0] == ["new"]
 
 
 # --- answering at once -------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """routed.Routed: an attempt waits for a replica within the request's time, then runs within
 its own, counted from the replica's acceptance, which the request router may report from
-another thread."""
+another thread; and each replica's attempts in flight, counted from the request router's
+first choice."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 
 import pytest
 
-from deployments.routed import Routed, accepted, in_flight
+from deployments.routed import Routed, accepted, first_choice, in_flight
 
 
 def test_an_attempt_no_replica_accepts_times_out_with_nobody_to_blame() -> None:
@@ -83,4 +84,33 @@ def test_an_attempt_that_ends_by_timeout_or_failure_is_no_longer_in_flight() -> 
 
     with pytest.raises(TimeoutError):
         asyncio.run(attempt())
+    assert in_flight() == {}
+
+
+def test_an_attempt_counts_where_it_was_first_chosen_before_any_replica_accepts_it() -> None:
+    # Two batches routed within one acceptance's round trip: the second must see the first.
+    async def attempts() -> list[dict[str, int]]:
+        seen = []
+        first, second = Routed(60.0, lambda: 60.0), Routed(60.0, lambda: 60.0)
+        async with first, second:
+            first_choice(first.attempt_id, "replica-5")
+            seen.append(in_flight())
+            first_choice(second.attempt_id, "replica-6")
+            accepted(first.attempt_id, "replica-5")
+            accepted(second.attempt_id, "replica-7")  # replica-6 was full after all
+            seen.append(in_flight())
+        seen.append(in_flight())
+        return seen
+
+    assert asyncio.run(attempts()) == [
+        {"replica-5": 1}, {"replica-5": 1, "replica-7": 1}, {}]
+
+
+def test_a_first_choice_after_the_attempt_ended_counts_nowhere() -> None:
+    async def attempt() -> None:
+        async with Routed(60.0, lambda: 60.0) as routed:
+            pass
+        first_choice(routed.attempt_id, "replica-8")
+
+    asyncio.run(attempt())
     assert in_flight() == {}
