@@ -1,8 +1,8 @@
 """Dynamic batching on a real local Ray cluster with real ONNX Runtime replicas: batches
 form under load and answer each request with its own rows; a request out of time in the
-queue never runs; a poison request fails alone; a replica killed under a batch loses
-nothing; a malformed request fails alone; a request whose caller went away is neither run on
-nor sent on."""
+queue never runs; no batch waits for a context while another replica idles; a poison
+request fails alone; a replica killed under a batch loses nothing; a malformed request fails
+alone; a request whose caller went away is neither run on nor sent on."""
 
 from __future__ import annotations
 
@@ -120,8 +120,8 @@ def test_a_batch_never_waits_for_a_context_while_the_other_replica_idles(
     # flight leave together and answer together, so the next two are routed within one
     # acceptance's round trip. Each must take the replica the other did not
     # (routed.first_choice); one that followed the other would wait a whole hang for its
-    # context. The wait is bimodal, under a millisecond or a whole hang: half a hang tells
-    # which, on any machine.
+    # context. The wait is a few milliseconds or a whole hang, nothing between: half a hang
+    # tells which, on any machine.
     hang_s = 0.6
     router = deploy(cache_dir, pool_size=1, router_replicas=1,
                     faults=[{"kind": "hang", "seconds": hang_s, "count": 1000}])
