@@ -16,7 +16,7 @@ completes), so a batch sent at once after another's answer saw the replica that 
 answered as still busy: on the 2-core machine 15-19% of requests then waited for a context
 behind another batch while the other replica idled. The request router ranks replicas by
 this count first (routing.py). Counting from the acceptance instead left a window of one
-round trip (10-30 ms on 2 cores) in which a second batch, routed while the first was not yet
+round trip (5-30 ms on 2 cores) in which a second batch, routed while the first was not yet
 accepted, saw neither and could follow it to the same replica.
 """
 
