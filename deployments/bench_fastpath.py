@@ -345,6 +345,19 @@ def _inject(fault: dict[str, Any], replica: str) -> bool:
         return False
 
 
+def kill_replica(replica: str, limit_s: float) -> bool:
+    """Arms a crash in ``replica`` (its next execution ends the process) and tells whether the
+    replica died within ``limit_s``. The death, not the arming call's answer, is what counts:
+    under load the crash often ends the process before that answer goes out."""
+    _inject({"kind": "crash"}, replica)
+    deadline = time.monotonic() + limit_s
+    while replica in {r["replica_id"] for r in _describe_replicas()}:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _wait_for_replicas(count: int, limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
     while len(_live_replicas()) < count and time.monotonic() < deadline:
@@ -368,10 +381,10 @@ class _Injections:
             if self.fault == "crash" and len(replicas) < s.replicas:
                 time.sleep(0.2)  # one kill at a time: the last one is replaced first
                 continue
+            target = replicas[self.count % len(replicas)] if replicas else None
             # One failing execution per injection: each affected request meets one fault.
-            spec = {"kind": "context", "count": 1} if self.fault == "context" else {
-                "kind": "crash"}
-            if replicas and _inject(spec, replicas[self.count % len(replicas)]):
+            if target and (_inject({"kind": "context", "count": 1}, target)
+                           if self.fault == "context" else kill_replica(target, limit_s=5.0)):
                 self.count += 1
             time.sleep(0.05 if self.fault == "context" else 1.0)
         if self.fault == "crash":  # what follows must find every replica back
