@@ -23,6 +23,9 @@
 #                                       replacement of a replica broken by a real CUDA fault
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
+#   bash tests/gpu_session.sh notice    how long Ray takes to report an actor's death, with and
+#                                       without a CUDA session in it, idle and loaded
+#                                       (tests/gpu_death_notice.py)
 #   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)
 #                                       and its two ingresses, HAProxy and the Python proxy: handle
 #                                       and HTTP binary at 64 and 256 callers
@@ -135,6 +138,10 @@ kills)
     --crash-kills 5 --recovery-limit-s 300 --generators 4 --ceiling-batch-sizes 32 \
     --ceiling-threads 4 --ceiling-seconds 2 2>&1 | tee "$OUT/kills.txt"
   echo "kills rc=$?"
+  ;;
+notice)
+  timeout -k 10 400 python3 -m tests.gpu_death_notice 2>&1 | grep "^{" | tee "$OUT/notice.json"
+  echo "notice rc=$?"
   ;;
 slots)
   nvidia-smi -L | tee "$OUT/nvidia-smi.txt"

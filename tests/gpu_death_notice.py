@@ -1,0 +1,176 @@
+"""How long a caller waits to learn that an actor's process died, with and without a CUDA
+context in that process (issue 9: the attempt a replica kill ends runs 50 ms longer than a
+whole request on an H100, while Ray's notice took 15 ms on the idle 2-core machine).
+
+Run on the GPU machine (docs/gpu.md), from the checkout:
+
+    python3 -m tests.gpu_death_notice [--trials N]
+
+Each trial starts an actor, lets it load ``resnet50`` on ONNX Runtime's CUDA provider and run
+one batch (or not, for the no-CUDA row), then asks it to stamp the time and end its process
+with ``os._exit``, as the ``crash`` fault does; the caller stamps the time when Ray's
+ActorDiedError reaches it. One row more ends a plain child process the same way, without Ray:
+the stamp to the parent's ``waitpid``, the kernel's share of the notice. The rows run with
+the machine idle, and while another actor keeps the GPU busy (batch 32, 4 threads) and one
+spinning process per core keeps the CPU busy, as a loaded bench does. One JSON
+line per row: p50 and max in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from deployments.engine import GPU_POOL_SIZE, batch_buckets
+from engines.backend import LoadOptions, load_engine
+from engines.models import builtin_path, resolve
+from engines.spec import example_inputs
+
+HOLDS = {"nothing": "no CUDA", "session": "one CUDA session",
+         "engine": "an EngineReplica's engine"}
+# The CPU provider only where CUDA's is missing: a dry run off the GPU machine.
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _session(path: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(path, options, providers=PROVIDERS)
+
+
+def _run(session: Any, rows: int) -> None:
+    batch = np.random.default_rng(0).standard_normal((rows, 3, 224, 224)).astype(np.float32)
+    session.run(None, {session.get_inputs()[0].name: batch})
+
+
+@ray.remote(num_cpus=0)
+class Victim:
+    """``holds``: nothing, one CUDA session, or what an EngineReplica holds for ``resnet50``
+    by default (a session per batch bucket up to 32, 4 contexts, each bucket run once)."""
+
+    def __init__(self, model: str, holds: str) -> None:
+        if holds == "session":
+            self.session = _session(model)
+            _run(self.session, 8)
+        elif holds == "engine":
+            self.engine = load_engine(resolve(model), "onnxruntime",
+                                      LoadOptions(threads=1, batch_buckets=batch_buckets(32)))
+            self.contexts = [self.engine.create_context(0) for _ in range(GPU_POOL_SIZE)]
+            one = example_inputs(self.engine.spec, seed=0)
+            for rows in batch_buckets(32):
+                for context in self.contexts:
+                    context.execute({k: np.repeat(v, rows, axis=0) for k, v in one.items()})
+
+    def ready(self) -> bool:
+        return True
+
+    def die(self, stamp: str) -> None:
+        Path(stamp).write_text(repr(time.time()))
+        os._exit(1)
+
+
+@ray.remote(num_cpus=0)
+class Busy:
+    """Keeps the GPU busy with batches of 32 from 4 threads until ``stop``."""
+
+    def __init__(self, model: str) -> None:
+        self.session = _session(model)
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(4)]
+        for t in self.threads:
+            t.start()
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            _run(self.session, 32)
+
+    def ready(self) -> bool:
+        return True
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _ray_notice_ms(model: str, holds: str, trials: int) -> list[float]:
+    out = []
+    for _ in range(trials):
+        victim = Victim.remote(model, holds)  # type: ignore[attr-defined]
+        ray.get(victim.ready.remote())
+        stamp = tempfile.mktemp()
+        try:
+            ray.get(victim.die.remote(stamp))
+        except ray.exceptions.RayActorError:
+            noticed = time.time()
+        out.append((noticed - float(Path(stamp).read_text())) * 1000)
+    return out
+
+
+_CHILD = """
+import os, sys, time
+from tests.gpu_death_notice import _run, _session
+_run(_session(sys.argv[1]), 8)
+print(repr(time.time()), flush=True)
+os._exit(1)
+"""
+
+
+def _kernel_exit_ms(model: str, trials: int) -> list[float]:
+    out = []
+    for _ in range(trials):
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, model], stdout=subprocess.PIPE,
+                                 text=True)
+        assert child.stdout is not None
+        stamp = float(child.stdout.readline())
+        child.wait()
+        out.append((time.time() - stamp) * 1000)
+    return out
+
+
+def _row(name: str, ms: list[float]) -> None:
+    print(json.dumps({"row": name, "trials": len(ms), "p50_ms": round(float(np.median(ms)), 1),
+                      "max_ms": round(max(ms), 1)}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=6)
+    args = parser.parse_args()
+    model = str(builtin_path("resnet50", Path(tempfile.mkdtemp())))
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    try:
+        for load in ("idle", "GPU and every core busy"):
+            busy = Busy.remote(model) if load != "idle" else None  # type: ignore[attr-defined]
+            if busy is not None:
+                ray.get(busy.ready.remote())
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(os.cpu_count() or 1)] if "core" in load else []
+            try:
+                for holds in ("nothing", "session", "engine"):
+                    _row(f"Ray, the actor holds {HOLDS[holds]}, {load}",
+                         _ray_notice_ms(model, holds, args.trials))
+                _row(f"no Ray, CUDA session in a child process, {load}",
+                     _kernel_exit_ms(model, args.trials))
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                if busy is not None:
+                    ray.get(busy.stop.remote())
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
