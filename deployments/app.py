@@ -56,13 +56,29 @@ def auto_router_replicas(cores: int) -> int:
     return min(MAX_AUTO_ROUTERS, max(1, cores - CPUS_BESIDE_ROUTERS))
 
 
+# glibc's malloc asks for transparent huge pages for its heaps (glibc >= 2.35; where the
+# host's THP is "never", nothing changes). A process that dies frees its pages one by one
+# before its sockets close and Ray reports the death: an engine replica's 2 GB of 4 KiB
+# pages took 180-240 ms to free on the 2-core machine, on huge pages 18-23 ms
+# (docs/benchmarks.md). Every request in flight on a killed replica waits that long for its
+# failover. glibc reads it when the process starts, hence the runtime_env.
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def engine_actor_options(args: AppArgs) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "num_cpus": args.cpus_per_replica,
+        "num_gpus": gpus_per_replica(args.gpus_per_replica),
+    }
+    if args.replica_huge_pages:
+        options["runtime_env"] = {"env_vars": HUGE_PAGES_ENV}
+    return options
+
+
 def bind_engine(args: AppArgs) -> Application:
     return EngineReplica.options(
         num_replicas=args.replicas,
-        ray_actor_options={
-            "num_cpus": args.cpus_per_replica,
-            "num_gpus": gpus_per_replica(args.gpus_per_replica),
-        },
+        ray_actor_options=engine_actor_options(args),
         max_ongoing_requests=args.engine_max_ongoing_requests,
         # Serve sheds what is over this queue (BackPressureError in the Router, which then
         # waits up to backpressure_wait_s before answering 503).

@@ -74,6 +74,7 @@ class FastpathSetup:
     gpus_per_replica: float | None = None  # None: the cluster's GPUs shared evenly
     router_replicas: str | int = "auto"  # the app's own default
     cuda_batch_buckets: bool = True  # the app's own default
+    replica_huge_pages: bool = True  # the app's own default
     ort_threads: int | None = None  # the app's own default
     pool_size: int | None = None  # the app's own default
     router_batches_in_flight: str | int = "auto"  # the app's own default
@@ -234,6 +235,7 @@ class FastpathResult:
         return "\n".join([
             f"{self.ceiling.where}; each request one row; {s.replicas} engine replicas, "
             f"router_replicas {s.router_replicas}, cuda_batch_buckets {s.cuda_batch_buckets}, "
+            f"replica_huge_pages {s.replica_huge_pages}, "
             f"ort_threads {s.ort_threads if s.ort_threads is not None else 'default'}, "
             f"pool_size {s.pool_size if s.pool_size is not None else 'default'}, "
             f"router_batches_in_flight {s.router_batches_in_flight}, ingress {s.ingress}",
@@ -298,6 +300,7 @@ def _app_args(setup: FastpathSetup, gpus: float, batching: str) -> dict[str, Any
         "gpus_per_replica": gpus, "cpus_per_replica": 0, "router_cpus": 0,
         "health_check_period_s": 1, "cache_dir": setup.cache_dir,
         "router_replicas": setup.router_replicas, "cuda_batch_buckets": setup.cuda_batch_buckets,
+        "replica_huge_pages": setup.replica_huge_pages,
         "ort_threads": setup.ort_threads,
         "router_batches_in_flight": setup.router_batches_in_flight,
         **({} if setup.pool_size is None else {"pool_size": setup.pool_size}),

@@ -1,19 +1,20 @@
-"""How long a caller waits to learn that an actor's process died, with and without a CUDA
-context in that process (issue 9: the attempt a replica kill ends runs 50 ms longer than a
-whole request on an H100, while Ray's notice took 15 ms on the idle 2-core machine).
+"""How long a caller waits to learn that an actor's process died, by what the process holds
+(issue 9: the attempt a replica kill ends ran 50 ms longer than a whole request on an H100,
+while Ray's notice took 15 ms on the idle 2-core machine).
 
 Run on the GPU machine (docs/gpu.md), from the checkout:
 
     python3 -m tests.gpu_death_notice [--trials N]
 
-Each trial starts an actor, lets it load ``resnet50`` on ONNX Runtime's CUDA provider and run
-one batch (or not, for the no-CUDA row), then asks it to stamp the time and end its process
-with ``os._exit``, as the ``crash`` fault does; the caller stamps the time when Ray's
-ActorDiedError reaches it. One row more ends a plain child process the same way, without Ray:
-the stamp to the parent's ``waitpid``, the kernel's share of the notice. The rows run with
-the machine idle, and while another actor keeps the GPU busy (batch 32, 4 threads) and one
-spinning process per core keeps the CPU busy, as a loaded bench does. One JSON
-line per row: p50 and max in ms.
+Each trial starts an actor holding nothing, one ``resnet50`` session on ONNX Runtime's CUDA
+provider, or what an EngineReplica holds (a session per batch bucket, 4 contexts), the last
+also with its heap on huge pages as the app starts its replicas (``replica_huge_pages``).
+The actor stamps the time and ends its process with ``os._exit``, as the ``crash`` fault
+does; the caller stamps the time when Ray's ActorDiedError reaches it. Two rows more end a
+plain child process holding the engine the same way, without Ray: the stamp to the parent's
+``waitpid``, the kernel's share of the notice. The rows run with the machine idle, and while
+another actor keeps the GPU busy (batch 32, 4 threads) and one spinning process per core
+keeps the CPU busy, as a loaded bench does. One JSON line per row: p50 and max in ms.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from deployments.app import HUGE_PAGES_ENV
 from deployments.engine import GPU_POOL_SIZE, batch_buckets
 from engines.backend import LoadOptions, load_engine
 from engines.models import builtin_path, resolve
@@ -39,6 +41,8 @@ from engines.spec import example_inputs
 
 HOLDS = {"nothing": "no CUDA", "session": "one CUDA session",
          "engine": "an EngineReplica's engine"}
+ROWS: list[tuple[str, dict[str, str]]] = [
+    ("nothing", {}), ("session", {}), ("engine", {}), ("engine", HUGE_PAGES_ENV)]
 # The CPU provider only where CUDA's is missing: a dry run off the GPU machine.
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -56,23 +60,30 @@ def _run(session: Any, rows: int) -> None:
     session.run(None, {session.get_inputs()[0].name: batch})
 
 
+def _hold(model: str, holds: str) -> list[Any]:
+    """What the dying process holds: nothing, one CUDA session, or what an EngineReplica
+    holds for ``resnet50`` by default (a session per batch bucket up to 32, 4 contexts, each
+    bucket run on each)."""
+    if holds == "session":
+        session = _session(model)
+        _run(session, 8)
+        return [session]
+    if holds != "engine":
+        return []
+    engine = load_engine(resolve(model), "onnxruntime",
+                         LoadOptions(threads=1, batch_buckets=batch_buckets(32)))
+    contexts = [engine.create_context(0) for _ in range(GPU_POOL_SIZE)]
+    one = example_inputs(engine.spec, seed=0)
+    for rows in batch_buckets(32):
+        for context in contexts:
+            context.execute({k: np.repeat(v, rows, axis=0) for k, v in one.items()})
+    return [engine, contexts]
+
+
 @ray.remote(num_cpus=0)
 class Victim:
-    """``holds``: nothing, one CUDA session, or what an EngineReplica holds for ``resnet50``
-    by default (a session per batch bucket up to 32, 4 contexts, each bucket run once)."""
-
     def __init__(self, model: str, holds: str) -> None:
-        if holds == "session":
-            self.session = _session(model)
-            _run(self.session, 8)
-        elif holds == "engine":
-            self.engine = load_engine(resolve(model), "onnxruntime",
-                                      LoadOptions(threads=1, batch_buckets=batch_buckets(32)))
-            self.contexts = [self.engine.create_context(0) for _ in range(GPU_POOL_SIZE)]
-            one = example_inputs(self.engine.spec, seed=0)
-            for rows in batch_buckets(32):
-                for context in self.contexts:
-                    context.execute({k: np.repeat(v, rows, axis=0) for k, v in one.items()})
+        self.held = _hold(model, holds)
 
     def ready(self) -> bool:
         return True
@@ -104,10 +115,11 @@ class Busy:
         self.stopped.set()
 
 
-def _ray_notice_ms(model: str, holds: str, trials: int) -> list[float]:
+def _ray_notice_ms(model: str, holds: str, env: dict[str, str], trials: int) -> list[float]:
     out = []
     for _ in range(trials):
-        victim = Victim.remote(model, holds)  # type: ignore[attr-defined]
+        victim = Victim.options(  # type: ignore[attr-defined]
+            runtime_env={"env_vars": env}).remote(model, holds)
         ray.get(victim.ready.remote())
         stamp = tempfile.mktemp()
         try:
@@ -120,18 +132,18 @@ def _ray_notice_ms(model: str, holds: str, trials: int) -> list[float]:
 
 _CHILD = """
 import os, sys, time
-from tests.gpu_death_notice import _run, _session
-_run(_session(sys.argv[1]), 8)
+from tests.gpu_death_notice import _hold
+held = _hold(sys.argv[1], sys.argv[2])
 print(repr(time.time()), flush=True)
 os._exit(1)
 """
 
 
-def _kernel_exit_ms(model: str, trials: int) -> list[float]:
+def _kernel_exit_ms(model: str, holds: str, env: dict[str, str], trials: int) -> list[float]:
     out = []
     for _ in range(trials):
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, model], stdout=subprocess.PIPE,
-                                 text=True)
+        child = subprocess.Popen([sys.executable, "-c", _CHILD, model, holds],
+                                 stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
         assert child.stdout is not None
         stamp = float(child.stdout.readline())
         child.wait()
@@ -146,7 +158,7 @@ def _row(name: str, ms: list[float]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=4)
     args = parser.parse_args()
     model = str(builtin_path("resnet50", Path(tempfile.mkdtemp())))
     ray.init(address="local", num_cpus=8, include_dashboard=False)
@@ -158,11 +170,13 @@ def main() -> None:
             spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
                         for _ in range(os.cpu_count() or 1)] if "core" in load else []
             try:
-                for holds in ("nothing", "session", "engine"):
-                    _row(f"Ray, the actor holds {HOLDS[holds]}, {load}",
-                         _ray_notice_ms(model, holds, args.trials))
-                _row(f"no Ray, CUDA session in a child process, {load}",
-                     _kernel_exit_ms(model, args.trials))
+                for holds, env in ROWS:
+                    pages = ", heap on huge pages" if env else ""
+                    _row(f"Ray, the actor holds {HOLDS[holds]}{pages}, {load}",
+                         _ray_notice_ms(model, holds, env, args.trials))
+                    if holds == "engine" and load == "idle":
+                        _row(f"no Ray, a child process holds {HOLDS[holds]}{pages}, {load}",
+                             _kernel_exit_ms(model, holds, env, args.trials))
             finally:
                 for spinner in spinners:
                     spinner.kill()

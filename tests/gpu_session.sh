@@ -45,6 +45,10 @@
 #                                       HTTP binary and handle calls at 256 callers with the
 #                                       GPU's contexts spread over more engine replica processes
 #                                       (2 x 4 contexts, the default, against 4 x 2, 4 x 4, 8 x 1)
+#   bash tests/gpu_session.sh pages kills|load
+#                                       replica_huge_pages (the default) against off, one run
+#                                       each: replicas killed under batches (64 callers), or
+#                                       HTTP binary and handle calls at 256 callers
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
 #                                       an earlier checkout in dir (e.g. `git archive` of the
 #                                       last commit, carried) against this one, alternating:
@@ -215,6 +219,23 @@ replicas)
         --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
         | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/replicas.txt"
     done
+  done
+  ;;
+pages)
+  for variant in "" "--no-replica-huge-pages"; do
+    echo "== $2, variant '$variant' $(date +%T)" | tee -a "$OUT/pages-$2.txt"
+    if [ "$2" = kills ]; then
+      timeout -k 10 250 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \
+        --no-peer --recovery-faults crash --recovery-concurrency 64 --crash-requests 200 \
+        --crash-kills 5 --recovery-limit-s 120 --generators 4 --ceiling-batch-sizes 32 \
+        --ceiling-threads 4 --ceiling-seconds 1 $variant 2>&1 | tee -a "$OUT/pages-kills-raw.txt" \
+        | grep -E "^  trtserve|^  recovery|^\| crash|^ceiling:|Error" | tee -a "$OUT/pages-$2.txt"
+    else
+      timeout -k 10 140 $BENCH --concurrency 256 --seconds 8 --warmup-s 3 --batching on \
+        --modes "http binary" handle --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+        --ceiling-threads 4 --ceiling-seconds 1 --generators 4 $variant 2>&1 \
+        | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/pages-$2.txt"
+    fi
   done
   ;;
 ab)
