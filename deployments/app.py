@@ -56,12 +56,14 @@ def auto_router_replicas(cores: int) -> int:
     return min(MAX_AUTO_ROUTERS, max(1, cores - CPUS_BESIDE_ROUTERS))
 
 
-# glibc's malloc asks for transparent huge pages for its heaps (glibc >= 2.35; where the
-# host's THP is "never", nothing changes). A process that dies frees its pages one by one
-# before its sockets close and Ray reports the death: an engine replica's 2 GB of 4 KiB
-# pages took 180-240 ms to free on the 2-core machine, on huge pages 18-23 ms
-# (docs/benchmarks.md). Every request in flight on a killed replica waits that long for its
-# failover. glibc reads it when the process starts, hence the runtime_env.
+# replica_huge_pages: glibc's malloc asks for transparent huge pages for its heaps (glibc
+# >= 2.35; where the host's THP is "never", nothing changes). A process that dies frees its
+# pages one by one before its sockets close and Ray reports the death: for a process
+# holding an engine replica's 2 GB, Ray's notice came 188-242 ms after the exit on 4 KiB
+# pages, 23-33 ms on huge pages (the 2-core machine, docs/benchmarks.md). Off by default:
+# on the CPU provider it cost throughput (0.717x against 0.783x of the ceiling by handle,
+# four runs each), and it is not yet measured on a GPU. glibc reads the tunable when the
+# process starts, hence the runtime_env.
 HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 

@@ -74,7 +74,7 @@ class FastpathSetup:
     gpus_per_replica: float | None = None  # None: the cluster's GPUs shared evenly
     router_replicas: str | int = "auto"  # the app's own default
     cuda_batch_buckets: bool = True  # the app's own default
-    replica_huge_pages: bool = True  # the app's own default
+    replica_huge_pages: bool = False  # the app's own default
     ort_threads: int | None = None  # the app's own default
     pool_size: int | None = None  # the app's own default
     router_batches_in_flight: str | int = "auto"  # the app's own default

@@ -396,10 +396,10 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cuda-buckets", dest="cuda_batch_buckets", action="store_const",
                    const=False, help="deploy with cuda_batch_buckets off: one session per "
                    "model sees every batch size")
-    p.add_argument("--no-replica-huge-pages", dest="replica_huge_pages",
-                   action="store_const", const=False,
-                   help="deploy with replica_huge_pages off: the engine replicas' heaps on "
-                   "4 KiB pages")
+    p.add_argument("--replica-huge-pages", dest="replica_huge_pages",
+                   action="store_const", const=True,
+                   help="deploy with replica_huge_pages on: the engine replicas' heaps on "
+                   "transparent huge pages")
     p.add_argument("--ort-threads", type=int,
                    help="the app's ort_threads: ONNX Runtime intra-op threads per session "
                         "(default: the app's, 1 on the CUDA provider; on the CPU the cores "

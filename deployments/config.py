@@ -55,7 +55,7 @@ class AppArgs(BaseModel):
     ort_threads: int | None = Field(default=None, ge=1)
     ort_allow_spinning: bool = False
     cuda_batch_buckets: bool = True
-    replica_huge_pages: bool = True
+    replica_huge_pages: bool = False
     pool_size: Literal["auto"] | int = "auto"
     spares: int = Field(default=1, ge=0)
     engine_max_ongoing_requests: int = Field(default=32, ge=1)

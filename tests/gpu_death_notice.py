@@ -2,13 +2,14 @@
 (issue 9: the attempt a replica kill ends ran 50 ms longer than a whole request on an H100,
 while Ray's notice took 15 ms on the idle 2-core machine).
 
-Run on the GPU machine (docs/gpu.md), from the checkout:
+Run on the GPU machine (docs/gpu.md), or anywhere, from the checkout:
 
-    python3 -m tests.gpu_death_notice [--trials N]
+    python3 -m tests.gpu_death_notice [--trials N] [--loads idle|"GPU and every core busy"]
 
 Each trial starts an actor holding nothing, one ``resnet50`` session on ONNX Runtime's CUDA
-provider, or what an EngineReplica holds (a session per batch bucket, 4 contexts), the last
-also with its heap on huge pages as the app starts its replicas (``replica_huge_pages``).
+provider (its CPU provider where there is no GPU; each row says which), or what an
+EngineReplica holds (a session per batch bucket, 4 contexts), the last also with its heap
+on huge pages as the app starts its replicas (``replica_huge_pages``).
 The actor stamps the time and ends its process with ``os._exit``, as the ``crash`` fault
 does; the caller stamps the time when Ray's ActorDiedError reaches it. Two rows more end a
 plain child process holding the engine the same way, without Ray: the stamp to the parent's
@@ -39,11 +40,12 @@ from engines.backend import LoadOptions, load_engine
 from engines.models import builtin_path, resolve
 from engines.spec import example_inputs
 
-HOLDS = {"nothing": "no CUDA", "session": "one CUDA session",
+HOLDS = {"nothing": "no model", "session": "one resnet50 session",
          "engine": "an EngineReplica's engine"}
+LOADS = ("idle", "GPU and every core busy")
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("nothing", {}), ("session", {}), ("engine", {}), ("engine", HUGE_PAGES_ENV)]
-# The CPU provider only where CUDA's is missing: a dry run off the GPU machine.
+# CUDA's provider where it is available, else the CPU's; each row says which.
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -61,7 +63,7 @@ def _run(session: Any, rows: int) -> None:
 
 
 def _hold(model: str, holds: str) -> list[Any]:
-    """What the dying process holds: nothing, one CUDA session, or what an EngineReplica
+    """What the dying process holds: nothing, one session, or what an EngineReplica
     holds for ``resnet50`` by default (a session per batch bucket up to 32, 4 contexts, each
     bucket run on each)."""
     if holds == "session":
@@ -152,18 +154,23 @@ def _kernel_exit_ms(model: str, holds: str, env: dict[str, str], trials: int) ->
 
 
 def _row(name: str, ms: list[float]) -> None:
-    print(json.dumps({"row": name, "trials": len(ms), "p50_ms": round(float(np.median(ms)), 1),
-                      "max_ms": round(max(ms), 1)}), flush=True)
+    import onnxruntime as ort
+
+    cuda = PROVIDERS[0] in ort.get_available_providers()
+    print(json.dumps({"row": name, "provider": "CUDA" if cuda else "CPU", "trials": len(ms),
+                      "p50_ms": round(float(np.median(ms)), 1), "max_ms": round(max(ms), 1)}),
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS))
     args = parser.parse_args()
     model = str(builtin_path("resnet50", Path(tempfile.mkdtemp())))
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
-        for load in ("idle", "GPU and every core busy"):
+        for load in args.loads:
             busy = Busy.remote(model) if load != "idle" else None  # type: ignore[attr-defined]
             if busy is not None:
                 ray.get(busy.ready.remote())

@@ -46,7 +46,7 @@
 #                                       GPU's contexts spread over more engine replica processes
 #                                       (2 x 4 contexts, the default, against 4 x 2, 4 x 4, 8 x 1)
 #   bash tests/gpu_session.sh pages kills|load
-#                                       replica_huge_pages (the default) against off, one run
+#                                       replica_huge_pages on against off (the default), one run
 #                                       each: replicas killed under batches (64 callers), or
 #                                       HTTP binary and handle calls at 256 callers
 #   BEFORE=dir bash tests/gpu_session.sh ab [rounds]
@@ -144,7 +144,7 @@ kills)
   echo "kills rc=$?"
   ;;
 notice)
-  timeout -k 10 400 python3 -m tests.gpu_death_notice 2>&1 | grep "^{" | tee "$OUT/notice.json"
+  timeout -k 10 400 python3 -m tests.gpu_death_notice "${@:2}" 2>&1 | grep "^{" | tee "$OUT/notice.json"
   echo "notice rc=$?"
   ;;
 slots)
@@ -222,7 +222,7 @@ replicas)
   done
   ;;
 pages)
-  for variant in "" "--no-replica-huge-pages"; do
+  for variant in "--replica-huge-pages" ""; do
     echo "== $2, variant '$variant' $(date +%T)" | tee -a "$OUT/pages-$2.txt"
     if [ "$2" = kills ]; then
       timeout -k 10 250 $BENCH --concurrency 64 --seconds 4 --batching on --modes handle \

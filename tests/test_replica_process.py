@@ -1,9 +1,9 @@
-"""The engine replicas' processes start with glibc's malloc on transparent huge pages
-(``replica_huge_pages``, on by default): a replica that dies frees its memory before Ray can
+"""With ``replica_huge_pages`` (off by default) the engine replicas' processes start with
+glibc's malloc on transparent huge pages: a replica that dies frees its memory before Ray can
 report the death, and huge pages free about ten times faster than 4 KiB ones
 (docs/benchmarks.md). Timings are never asserted; what is checked is that each replica's
 process has the setting, that its heap is on huge pages where the host offers them, and that
-turning the knob off leaves the process as Ray starts it."""
+by default the process is left as Ray starts it."""
 
 from __future__ import annotations
 
@@ -35,10 +35,10 @@ def _thp_offered() -> bool:
     return THP.exists() and "[never]" not in THP.read_text()
 
 
-def test_engine_replicas_run_on_huge_pages_unless_turned_off(cache_dir: Path) -> None:
+def test_engine_replicas_run_on_huge_pages_when_asked(cache_dir: Path) -> None:
     [(name, value)] = HUGE_PAGES_ENV.items()
     with local_serve():
-        deploy(cache_dir)
+        deploy(cache_dir, replica_huge_pages=True)
         replicas = describe_all()
         assert len(replicas) == 2
         for r in replicas:
@@ -46,7 +46,7 @@ def test_engine_replicas_run_on_huge_pages_unless_turned_off(cache_dir: Path) ->
             if _thp_offered():
                 assert _anon_huge_kb(r["pid"]) > 0, r["replica_id"]
 
-        deploy(cache_dir, replica_huge_pages=False)
+        deploy(cache_dir)
         replicas = describe_all()
         assert len(replicas) == 2
         for r in replicas:
