@@ -6,15 +6,16 @@ Run on the GPU machine (docs/gpu.md), or anywhere, from the checkout:
 
     python3 -m tests.gpu_death_notice [--trials N] [--loads idle|"GPU and every core busy"]
 
-Each trial starts an actor holding nothing, one ``resnet50`` session on ONNX Runtime's CUDA
-provider (its CPU provider where there is no GPU; each row says which), or what an
-EngineReplica holds (a session per batch bucket, 4 contexts), the last also with its heap
-on huge pages as the app starts its replicas (``replica_huge_pages``).
+Each trial starts an actor holding nothing, one ``resnet50`` session loaded as a replica
+loads it (ONNX Runtime's CUDA provider, its CPU provider where there is no GPU; each row
+names the device), or what an EngineReplica holds (a session per batch bucket, 4
+contexts), the last also with its heap on huge pages as the app starts its replicas with
+``replica_huge_pages``.
 The actor stamps the time and ends its process with ``os._exit``, as the ``crash`` fault
 does; the caller stamps the time when Ray's ActorDiedError reaches it. Two rows more end a
 plain child process holding the engine the same way, without Ray: the stamp to the parent's
 ``waitpid``, the kernel's share of the notice. The rows run with the machine idle, and while
-another actor keeps the GPU busy (batch 32, 4 threads) and one spinning process per core
+another actor keeps the GPU busy (batch 32 on 4 contexts) and one spinning process per core
 keeps the CPU busy, as a loaded bench does. One JSON line per row: p50 and max in ms.
 """
 
@@ -36,7 +37,7 @@ import ray
 
 from deployments.app import HUGE_PAGES_ENV
 from deployments.engine import GPU_POOL_SIZE, batch_buckets
-from engines.backend import LoadOptions, load_engine
+from engines.backend import Context, Engine, LoadOptions, load_engine
 from engines.models import builtin_path, resolve
 from engines.spec import example_inputs
 
@@ -45,40 +46,32 @@ HOLDS = {"nothing": "no model", "session": "one resnet50 session",
 LOADS = ("idle", "GPU and every core busy")
 ROWS: list[tuple[str, dict[str, str]]] = [
     ("nothing", {}), ("session", {}), ("engine", {}), ("engine", HUGE_PAGES_ENV)]
-# CUDA's provider where it is available, else the CPU's; each row says which.
-PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _session(path: str) -> Any:
-    import onnxruntime as ort
+def _engine(model: str, buckets: tuple[int, ...] = ()) -> Engine:
+    """The model as a replica loads it: ONNX Runtime's CUDA provider where there is a GPU,
+    else its CPU provider (each row names the device)."""
+    return load_engine(resolve(model), "onnxruntime",
+                       LoadOptions(threads=1, batch_buckets=buckets))
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(path, options, providers=PROVIDERS)
 
-
-def _run(session: Any, rows: int) -> None:
-    batch = np.random.default_rng(0).standard_normal((rows, 3, 224, 224)).astype(np.float32)
-    session.run(None, {session.get_inputs()[0].name: batch})
+def _execute(engine: Engine, context: Context, rows: int) -> None:
+    one = example_inputs(engine.spec, seed=0)
+    context.execute({k: np.repeat(v, rows, axis=0) for k, v in one.items()})
 
 
 def _hold(model: str, holds: str) -> list[Any]:
-    """What the dying process holds: nothing, one session, or what an EngineReplica
-    holds for ``resnet50`` by default (a session per batch bucket up to 32, 4 contexts, each
-    bucket run on each)."""
-    if holds == "session":
-        session = _session(model)
-        _run(session, 8)
-        return [session]
-    if holds != "engine":
+    """What the dying process holds: nothing, one session with one context, or what an
+    EngineReplica holds for ``resnet50`` by default (a session per batch bucket up to 32,
+    4 contexts, each bucket run on each)."""
+    if holds == "nothing":
         return []
-    engine = load_engine(resolve(model), "onnxruntime",
-                         LoadOptions(threads=1, batch_buckets=batch_buckets(32)))
-    contexts = [engine.create_context(0) for _ in range(GPU_POOL_SIZE)]
-    one = example_inputs(engine.spec, seed=0)
-    for rows in batch_buckets(32):
+    engine = _engine(model, batch_buckets(32) if holds == "engine" else ())
+    contexts = [engine.create_context(0)
+                for _ in range(GPU_POOL_SIZE if holds == "engine" else 1)]
+    for rows in batch_buckets(32) if holds == "engine" else (8,):
         for context in contexts:
-            context.execute({k: np.repeat(v, rows, axis=0) for k, v in one.items()})
+            _execute(engine, context, rows)
     return [engine, contexts]
 
 
@@ -97,18 +90,19 @@ class Victim:
 
 @ray.remote(num_cpus=0)
 class Busy:
-    """Keeps the GPU busy with batches of 32 from 4 threads until ``stop``."""
+    """Keeps the GPU busy with batches of 32 on 4 contexts until ``stop``."""
 
     def __init__(self, model: str) -> None:
-        self.session = _session(model)
+        self.engine = _engine(model)
         self.stopped = threading.Event()
         self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(4)]
         for t in self.threads:
             t.start()
 
     def _loop(self) -> None:
+        context = self.engine.create_context(0)
         while not self.stopped.is_set():
-            _run(self.session, 32)
+            _execute(self.engine, context, 32)
 
     def ready(self) -> bool:
         return True
@@ -153,11 +147,8 @@ def _kernel_exit_ms(model: str, holds: str, env: dict[str, str], trials: int) ->
     return out
 
 
-def _row(name: str, ms: list[float]) -> None:
-    import onnxruntime as ort
-
-    cuda = PROVIDERS[0] in ort.get_available_providers()
-    print(json.dumps({"row": name, "provider": "CUDA" if cuda else "CPU", "trials": len(ms),
+def _row(name: str, device: str, ms: list[float]) -> None:
+    print(json.dumps({"row": name, "device": device, "trials": len(ms),
                       "p50_ms": round(float(np.median(ms)), 1), "max_ms": round(max(ms), 1)}),
           flush=True)
 
@@ -168,6 +159,7 @@ def main() -> None:
     parser.add_argument("--loads", nargs="+", choices=LOADS, default=list(LOADS))
     args = parser.parse_args()
     model = str(builtin_path("resnet50", Path(tempfile.mkdtemp())))
+    device = _engine(model).device
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
         for load in args.loads:
@@ -179,11 +171,11 @@ def main() -> None:
             try:
                 for holds, env in ROWS:
                     pages = ", heap on huge pages" if env else ""
-                    _row(f"Ray, the actor holds {HOLDS[holds]}{pages}, {load}",
+                    _row(f"Ray, the actor holds {HOLDS[holds]}{pages}, {load}", device,
                          _ray_notice_ms(model, holds, env, args.trials))
                     if holds == "engine" and load == "idle":
                         _row(f"no Ray, a child process holds {HOLDS[holds]}{pages}, {load}",
-                             _kernel_exit_ms(model, holds, env, args.trials))
+                             device, _kernel_exit_ms(model, holds, env, args.trials))
             finally:
                 for spinner in spinners:
                     spinner.kill()

@@ -23,8 +23,9 @@
 #                                       replacement of a replica broken by a real CUDA fault
 #   bash tests/gpu_session.sh kills     recovery from replicas killed under batches: 200
 #                                       affected requests from at least 5 kills, 64 callers
-#   bash tests/gpu_session.sh notice    how long Ray takes to report an actor's death, with and
-#                                       without a CUDA session in it, idle and loaded
+#   bash tests/gpu_session.sh notice    how long Ray takes to report an actor's death, by what
+#                                       it holds (a session, an engine replica's engine on 4 KiB or
+#                                       huge pages), idle and loaded
 #                                       (tests/gpu_death_notice.py)
 #   bash tests/gpu_session.sh modes     Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED)
 #                                       and its two ingresses, HAProxy and the Python proxy: handle
