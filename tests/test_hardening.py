@@ -168,9 +168,11 @@ def test_a_query_of_death_costs_two_replicas_and_is_then_refused(
 def test_overload_is_a_503_with_retry_after_and_loses_nothing_admitted(
     port: int, cache_dir: Path
 ) -> None:
-    # Four contexts: the Router keeps four batches in flight, more than the replica admits
-    # (on the CPU the auto pool is one, and the Router would never overflow it).
-    deploy(cache_dir, replicas=1, pool_size=4, engine_max_ongoing_requests=1,
+    # Batching off: each request is its own execution, so sixteen callers overflow a replica
+    # that admits two. With batching on, the sixteen could leave the Router in as few as two
+    # batches, which the replica admits, and no 503 would come (CI saw that: all 200).
+    deploy(cache_dir, models=[{"model": "tiny", "batch_size": 1}], replicas=1,
+           engine_max_ongoing_requests=1,
            engine_max_queued_requests=1, faults=[{"kind": "hang", "seconds": 0.3, "count": 1000}],
            retry={"backpressure_wait_s": 0.2, "deadline_s": 5})
     url = f"http://127.0.0.1:{port}/v2/models/tiny/infer"
