@@ -279,6 +279,13 @@ class AttemptLoop:
                 response.cancel()  # the replica stops it: no execution left running
             if routed.replica_id is None:
                 raise retries.deadline_exceeded() from None
+            if routed.died:
+                err = ReplicaFailure(
+                    f"replica {routed.replica_id} died with this request in flight (its "
+                    f"lifeline ended {(time.perf_counter() - started):.3f} s into the attempt)",
+                    replica_id=routed.replica_id,
+                )
+                raise FailedAttempt(err, routed.replica_id, died=True) from None
             err = ReplicaFailure(
                 f"attempt on replica {routed.replica_id} timed out after "
                 f"{(time.perf_counter() - started):.3f} s",

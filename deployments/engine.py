@@ -33,6 +33,7 @@ from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
 from .config import cache_path
+from .lifeline import Lifeline
 from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
 from .routing import AvoidFailedReplicasRouter
@@ -323,6 +324,8 @@ class EngineReplica:
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
         self._exiting = False
         self.metrics = ReplicaMetrics(self.core.runners, device_report())
+        # Last: a replica that fails to start leaves no lifeline file behind.
+        self.lifeline = Lifeline(self.replica_id)
         log.info("EngineReplica %s ready: %s", self.replica_id, device_report())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -401,6 +404,9 @@ class EngineReplica:
         return {"device": device_report()}
 
     def __del__(self) -> None:
+        lifeline = getattr(self, "lifeline", None)
+        if lifeline is not None:
+            lifeline.close()
         core = getattr(self, "core", None)
         if core is not None:
             core.close()

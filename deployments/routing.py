@@ -22,7 +22,9 @@ replica accepts it. The base class probes a replica whose length it has not cach
 on to the next rank when the first is full.
 
 When a replica accepts an attempt, it reports which one under the attempt's ``attempt_id``
-(``routed.py``): the Router blames a timeout or a death on that replica.
+(``routed.py``): the Router blames a timeout or a death on that replica. A replica whose
+lifeline said it died (``lifeline.py``) is never chosen again, although Serve lists it until
+Ray reports the death.
 
 It never waits itself: Ray 2.60 binds a routing task to one pending request until that
 request is fulfilled, and runs at most ``min(50, 2 x replicas)`` of them, so a request that
@@ -44,7 +46,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from engines.errors import ReplicaFailure
 
 from .replica_set import gone, publish
-from .routed import accepted, first_choice, in_flight
+from .routed import accepted, dead, first_choice, in_flight, watch
 
 
 def eligible(
@@ -107,11 +109,9 @@ class AvoidFailedReplicasRouter(RequestRouter):
         self._publish()
 
     def _publish(self) -> None:
-        publish(
-            self._deployment_id.app_name,
-            self._deployment_id.name,
-            frozenset(r.replica_id.unique_id for r in self._replicas_list),
-        )
+        replica_ids = frozenset(r.replica_id.unique_id for r in self._replicas_list)
+        publish(self._deployment_id.app_name, self._deployment_id.name, replica_ids)
+        watch(replica_ids)
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
@@ -138,7 +138,9 @@ class AvoidFailedReplicasRouter(RequestRouter):
             # again, with or without backoff, until something comes back). Given candidates,
             # it sees the request's future done and moves on before it picks any of them.
             return [candidate_replicas[:1]]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        died = dead()
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas
+                 if r.replica_id.unique_id not in died}
         available = self.select_available_replicas(candidate_replicas)
         chosen = eligible(
             list(by_id),

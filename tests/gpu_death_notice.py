@@ -12,7 +12,9 @@ names the device), or what an EngineReplica holds (a session per batch bucket, 4
 contexts), the last also with its heap on huge pages as the app starts its replicas with
 ``replica_huge_pages``.
 The actor stamps the time and ends its process with ``os._exit``, as the ``crash`` fault
-does; the caller stamps the time when Ray's ActorDiedError reaches it. Two rows more end a
+does; the caller stamps the time when Ray's ActorDiedError reaches it, and, in a row of its
+own, when the actor's lifeline (deployments/lifeline.py, which an EngineReplica holds)
+wakes the caller's watcher: what the Routers on the actor's node see. Two rows more end a
 plain child process holding the engine the same way, without Ray: the stamp to the parent's
 ``waitpid``, the kernel's share of the notice. The rows run with the machine idle, and while
 another actor keeps the GPU busy (batch 32 on 4 contexts) and one spinning process per core
@@ -37,6 +39,7 @@ import ray
 
 from deployments.app import HUGE_PAGES_ENV
 from deployments.engine import GPU_POOL_SIZE, batch_buckets
+from deployments.lifeline import Lifeline, Watcher
 from engines.backend import Context, Engine, LoadOptions, load_engine
 from engines.models import builtin_path, resolve
 from engines.spec import example_inputs
@@ -77,7 +80,8 @@ def _hold(model: str, holds: str) -> list[Any]:
 
 @ray.remote(num_cpus=0)
 class Victim:
-    def __init__(self, model: str, holds: str) -> None:
+    def __init__(self, model: str, holds: str, line_id: str) -> None:
+        self.lifeline = Lifeline(line_id)
         self.held = _hold(model, holds)
 
     def ready(self) -> bool:
@@ -111,19 +115,31 @@ class Busy:
         self.stopped.set()
 
 
-def _ray_notice_ms(model: str, holds: str, env: dict[str, str], trials: int) -> list[float]:
-    out = []
-    for _ in range(trials):
+def _notice_ms(
+    model: str, holds: str, env: dict[str, str], trials: int
+) -> tuple[list[float], list[float]]:
+    """Per trial, Ray's notice and the lifeline's."""
+    ray_ms, lifeline_ms = [], []
+    woke: dict[str, float] = {}
+    watcher = Watcher(lambda line_id: woke.setdefault(line_id, time.time()))
+    for trial in range(trials):
+        line_id = f"notice-{os.getpid()}-{holds}-{len(env)}-{trial}-{time.time_ns()}"
         victim = Victim.options(  # type: ignore[attr-defined]
-            runtime_env={"env_vars": env}).remote(model, holds)
+            runtime_env={"env_vars": env}).remote(model, holds, line_id)
         ray.get(victim.ready.remote())
+        watcher.watch(frozenset([line_id]))
         stamp = tempfile.mktemp()
         try:
             ray.get(victim.die.remote(stamp))
         except ray.exceptions.RayActorError:
             noticed = time.time()
-        out.append((noticed - float(Path(stamp).read_text())) * 1000)
-    return out
+        died = float(Path(stamp).read_text())
+        ray_ms.append((noticed - died) * 1000)
+        deadline = time.monotonic() + 10
+        while line_id not in woke and time.monotonic() < deadline:
+            time.sleep(0.001)
+        lifeline_ms.append((woke[line_id] - died) * 1000)
+    return ray_ms, lifeline_ms
 
 
 _CHILD = """
@@ -171,8 +187,10 @@ def main() -> None:
             try:
                 for holds, env in ROWS:
                     pages = ", heap on huge pages" if env else ""
-                    _row(f"Ray, the actor holds {HOLDS[holds]}{pages}, {load}", device,
-                         _ray_notice_ms(model, holds, env, args.trials))
+                    ray_ms, lifeline_ms = _notice_ms(model, holds, env, args.trials)
+                    _row(f"Ray, the actor holds {HOLDS[holds]}{pages}, {load}", device, ray_ms)
+                    _row(f"lifeline, the actor holds {HOLDS[holds]}{pages}, {load}", device,
+                         lifeline_ms)
                     if holds == "engine" and load == "idle":
                         _row(f"no Ray, a child process holds {HOLDS[holds]}{pages}, {load}",
                              device, _kernel_exit_ms(model, holds, env, args.trials))
