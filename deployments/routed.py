@@ -122,11 +122,12 @@ def accepted(attempt_id: str, replica_id: str) -> None:
             return
         routed.replica_id = replica_id
         routed._count_on(replica_id)
-        dead = replica_id in _dead
-        if not dead:
+        died_already = replica_id in _dead
+        if not died_already:
             _running.setdefault(replica_id, set()).add(routed)
     # Serve's request router may call this from a loop of its own thread.
-    routed._loop.call_soon_threadsafe(routed._end_for_death if dead else routed._run_from_now)
+    routed._loop.call_soon_threadsafe(
+        routed._end_for_death if died_already else routed._run_from_now)
 
 
 def replica_died(replica_id: str) -> None:

@@ -1,7 +1,7 @@
 """routed.Routed: an attempt waits for a replica within the request's time, then runs within
 its own, counted from the replica's acceptance, which the request router may report from
 another thread; and each replica's attempts in flight, counted from the request router's
-first choice."""
+first choice. A replica whose lifeline says it died ends the attempts it accepted at once."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from deployments.routed import Routed, accepted, first_choice, in_flight
+from deployments.routed import Routed, accepted, dead, first_choice, in_flight, replica_died
 
 
 def test_an_attempt_no_replica_accepts_times_out_with_nobody_to_blame() -> None:
@@ -113,4 +113,29 @@ def test_a_first_choice_after_the_attempt_ended_counts_nowhere() -> None:
         first_choice(routed.attempt_id, "replica-8")
 
     asyncio.run(attempt())
+    assert in_flight() == {}
+
+
+def test_a_replica_death_ends_the_attempts_it_accepted_and_no_others() -> None:
+    async def attempts() -> tuple[Routed, Routed, Routed]:
+        on_dead, elsewhere, late = (Routed(60.0, lambda: 60.0) for _ in range(3))
+        async with elsewhere:
+            accepted(elsewhere.attempt_id, "replica-alive")
+            with pytest.raises(TimeoutError):
+                async with on_dead:
+                    accepted(on_dead.attempt_id, "replica-dying")
+                    await asyncio.sleep(0.05)
+                    await asyncio.to_thread(replica_died, "replica-dying")
+                    await asyncio.sleep(60)
+            # Accepted after the death was reported (the report raced the acceptance).
+            with pytest.raises(TimeoutError):
+                async with late:
+                    accepted(late.attempt_id, "replica-dying")
+                    await asyncio.sleep(60)
+            await asyncio.sleep(0.05)
+        return on_dead, elsewhere, late
+
+    on_dead, elsewhere, late = asyncio.run(attempts())
+    assert (on_dead.died, late.died, elsewhere.died) == (True, True, False)
+    assert "replica-dying" in dead() and "replica-alive" not in dead()
     assert in_flight() == {}
