@@ -15,7 +15,7 @@ later and still counts; the lifeline only lets a Router on the same node act fir
 Linux with glibc only, and only on one node: where the file or the C library is missing,
 nothing is held or watched, and Ray's report is the only one. The first watcher to learn of
 a death removes the file, and a replica stopping on purpose removes its own; the file of a
-replica that died with no Router on its node stays (80 bytes in ``/dev/shm``).
+replica that died unheard (80 bytes) goes when the next replica starts on the node.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ _ATTR_BYTES = 16
 _SIZE = _MUTEX_BYTES + _ATTR_BYTES
 _PTHREAD_PROCESS_SHARED = 1
 _PTHREAD_MUTEX_ROBUST = 1
+_MAKING = ".making"
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -54,6 +55,7 @@ def _libc() -> ctypes.CDLL | None:
                            ("pthread_mutexattr_setrobust", [pointer, number]),
                            ("pthread_mutex_init", [pointer, pointer]),
                            ("pthread_mutex_lock", [pointer]),
+                           ("pthread_mutex_trylock", [pointer]),
                            ("pthread_mutex_consistent", [pointer]),
                            ("pthread_mutex_unlock", [pointer])):
             function = getattr(libc, name)
@@ -96,8 +98,11 @@ class Lifeline:
         self.held = threading.Event()
         if _LIBC is None:
             return
+        # Made under another name and renamed once held, so that no one ever finds the
+        # file unheld (sweep_dead would take it for a dead replica's).
+        making = self.path.with_name(self.path.name + _MAKING)
         try:
-            mapped = _Mapped(self.path, create=True)
+            mapped = _Mapped(making, create=True)
         except OSError as exc:
             log.warning("no lifeline for replica %s (%s): Ray alone reports its death",
                         replica_id, exc)
@@ -113,6 +118,8 @@ class Lifeline:
         # end before the process does (Ray's and Serve's threads come and go).
         threading.Thread(target=self._hold, name="lifeline", daemon=True).start()
         self.held.wait(5)
+        os.rename(making, self.path)
+        sweep_dead()
 
     def _hold(self) -> None:
         assert _LIBC is not None
@@ -124,6 +131,31 @@ class Lifeline:
         """The replica is stopping on purpose: its file goes (its watchers keep their
         mapping and still see the death)."""
         self.path.unlink(missing_ok=True)
+
+
+def sweep_dead() -> int:
+    """Remove the files of replicas that died with no watcher to remove them (a whole app
+    stopped at once, or no Router on their node); each replica does it as it starts.
+    Returns how many went."""
+    assert _LIBC is not None
+    swept = 0
+    for path in DIRECTORY.glob(f"{PREFIX}*"):
+        if path.name.endswith(_MAKING):
+            continue
+        try:
+            mapped = _Mapped(path, create=False)
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        code = _LIBC.pthread_mutex_trylock(mapped.mutex)
+        if code == errno.EBUSY:
+            continue  # held: its replica lives
+        if code == errno.EOWNERDEAD:
+            _LIBC.pthread_mutex_consistent(mapped.mutex)
+        if code != errno.ENOTRECOVERABLE:
+            _LIBC.pthread_mutex_unlock(mapped.mutex)
+        path.unlink(missing_ok=True)
+        swept += 1
+    return swept
 
 
 class Watcher:

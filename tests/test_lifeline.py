@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from deployments import lifeline
-from deployments.lifeline import Watcher, path_for
+from deployments.lifeline import Watcher, path_for, sweep_dead
 
 pytestmark = pytest.mark.skipif(
     lifeline._LIBC is None, reason="lifelines need Linux, glibc and /dev/shm")
@@ -78,3 +78,24 @@ def test_a_replica_stopping_on_purpose_removes_its_file_and_is_still_seen_to_end
     assert seen.get(timeout=10) == replica_id
     assert not path_for(replica_id).exists()
 
+
+
+def test_the_file_of_a_replica_that_died_unheard_goes_when_a_replica_starts() -> None:
+    alive, unheard = (f"test-{uuid.uuid4().hex[:12]}" for _ in range(2))
+    try:
+        living = _holder(alive)
+        dying = _holder(unheard)
+        dying.kill()  # no watcher: nobody removes its file
+        dying.wait(10)
+        assert path_for(unheard).exists()
+        assert sweep_dead() >= 1  # what each Lifeline does as its replica starts
+        assert not path_for(unheard).exists()
+        assert path_for(alive).exists()
+        watcher, seen = _deaths()  # the survivor's lifeline still works
+        watcher.watch(frozenset([alive]))
+        living.kill()
+        living.wait(10)
+        assert seen.get(timeout=10) == alive
+    finally:
+        for name in (alive, unheard):
+            path_for(name).unlink(missing_ok=True)
