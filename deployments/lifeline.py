@@ -69,6 +69,11 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
+def available() -> bool:
+    """Whether this host has lifelines (Linux, glibc, ``/dev/shm``)."""
+    return _LIBC is not None
+
+
 def path_for(replica_id: str) -> Path:
     return DIRECTORY / f"{PREFIX}{replica_id}"
 

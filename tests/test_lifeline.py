@@ -16,7 +16,7 @@ from deployments import lifeline
 from deployments.lifeline import Watcher, path_for, sweep_dead
 
 pytestmark = pytest.mark.skipif(
-    lifeline._LIBC is None, reason="lifelines need Linux, glibc and /dev/shm")
+    not lifeline.available(), reason="lifelines need Linux, glibc and /dev/shm")
 
 _HOLDER = """
 import sys
