@@ -154,10 +154,7 @@ def sweep_dead() -> int:
         code = _LIBC.pthread_mutex_trylock(mapped.mutex)
         if code == errno.EBUSY:
             continue  # held: its replica lives
-        if code == errno.EOWNERDEAD:
-            _LIBC.pthread_mutex_consistent(mapped.mutex)
-        if code != errno.ENOTRECOVERABLE:
-            _LIBC.pthread_mutex_unlock(mapped.mutex)
+        _pass_on(mapped, code)
         path.unlink(missing_ok=True)
         swept += 1
     return swept
@@ -199,12 +196,19 @@ class Watcher:
                         replica_id, code)
             return
         # The holder never lets go while it lives: whoever gets the mutex learns of its death.
-        # The first waiter (EOWNERDEAD) makes it consistent and each passes it on, so that
-        # every other waiter (the node's other Routers) gets it in turn: unlocked without
-        # that, glibc wakes only the next waiter with ENOTRECOVERABLE, and no one after it.
         if code == errno.EOWNERDEAD:
-            _LIBC.pthread_mutex_consistent(mapped.mutex)
             path_for(replica_id).unlink(missing_ok=True)
-        if code != errno.ENOTRECOVERABLE:
-            _LIBC.pthread_mutex_unlock(mapped.mutex)
+        _pass_on(mapped, code)
         self._on_death(replica_id)
+
+
+def _pass_on(mapped: _Mapped, code: int) -> None:
+    """Release a dead holder's mutex that ``pthread_mutex_lock`` or ``trylock`` answered
+    ``code`` to. The first to get it (EOWNERDEAD) makes it consistent, and each passes it on,
+    so every other waiter (the node's other Routers) gets it in turn: unlocked without that,
+    glibc wakes only the next waiter, with ENOTRECOVERABLE, and no one after it."""
+    assert _LIBC is not None
+    if code == errno.EOWNERDEAD:
+        _LIBC.pthread_mutex_consistent(mapped.mutex)
+    if code != errno.ENOTRECOVERABLE:
+        _LIBC.pthread_mutex_unlock(mapped.mutex)
