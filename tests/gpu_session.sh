@@ -145,7 +145,7 @@ kills)
   echo "kills rc=$?"
   ;;
 notice)
-  timeout -k 10 400 python3 -m tests.gpu_death_notice "${@:2}" 2>&1 | grep "^{" | tee "$OUT/notice.json"
+  timeout -k 10 570 python3 -m tests.gpu_death_notice "${@:2}" 2>&1 | grep "^{" | tee "$OUT/notice.json"
   echo "notice rc=$?"
   ;;
 slots)
