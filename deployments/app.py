@@ -62,8 +62,9 @@ def auto_router_replicas(cores: int) -> int:
 # holding an engine replica's 2 GB, Ray's notice came 188-242 ms after the exit on 4 KiB
 # pages, 23-33 ms on huge pages (the 2-core machine, docs/benchmarks.md). Off by default:
 # on the CPU provider it cost throughput (0.717x against 0.783x of the ceiling by handle,
-# four runs each), and it is not yet measured on a GPU. glibc reads the tunable when the
-# process starts, hence the runtime_env.
+# four runs each), and the lifeline tells a Router of a death before any of that freeing
+# (0.5 ms on an H100, where a kill then added +63/+89 ms at p99). glibc reads the tunable
+# when the process starts, hence the runtime_env.
 HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
