@@ -3,7 +3,9 @@ deadline, alone or in a dynamic batch.
 
 Each attempt is one ``handle.remote()`` call, telling the replica the attempt's time and the
 local retries it may spend; the request router reports the replica that accepted it
-(``routed.py``), so even an attempt that times out or dies knows whom to blame. A batch
+(``routed.py``), so even an attempt that times out or dies knows whom to blame. Inputs of
+100 KiB or more go in shared memory when every replica is on the Router's node
+(``handoff.py``), else through Ray's object store with the call. A batch
 (``batcher.py``) is one attempt for all its requests; after it fails, each request goes on as
 its own (``_after_batch_failure``). What to do after each failure is decided by
 ``policy.RequestRetries``; this module only acts: it waits, cancels an abandoned attempt,
@@ -28,9 +30,10 @@ from engines.runner import Attempt
 from . import metrics
 from .batcher import Batcher, Pending, concatenate, own_request, router_slots, split
 from .catalogue import ModelInfo
+from .handoff import InputsUnreachable, Lent, Outbox
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
-from .ray_errors import FailedAttempt, failed_attempt, outcome
-from .routed import Routed
+from .ray_errors import FailedAttempt, failed_attempt, outcome, unwrap
+from .routed import Routed, on_this_node
 
 Outputs = dict[str, np.ndarray]
 Trail = list[dict[str, Any]]
@@ -54,6 +57,7 @@ class AttemptLoop:
         self.routers = 1
         self.batches_in_flight: str | int = "auto"
         self._batchers: dict[str, Batcher] = {}
+        self.outbox = Outbox()
 
     def reconfigure(self, policy: RetryPolicy) -> None:
         if (policy.budget_ratio, policy.budget_window_s, policy.budget_min_per_s) != (
@@ -242,6 +246,14 @@ class AttemptLoop:
                 model, failed, went_on=went_on, budget_refused=retries.budget_refused,
                 newly_ejected=len(self.ejections.current() - ejected))
 
+    def _lend(self, inputs: dict[str, np.ndarray]) -> Lent | None:
+        """A shared-memory buffer holding ``inputs`` (handoff.py), when every replica is on
+        this node; None sends them through Ray."""
+        live = self.live()
+        if live is None or not on_this_node(live):
+            return None
+        return self.outbox.lend(inputs)
+
     @staticmethod
     def _with_router_entry(model: str, failed: FailedAttempt, started: float, rows: int) -> None:
         """A failure the replica did not describe (a death, a timeout) gets the Router's own
@@ -262,11 +274,13 @@ class AttemptLoop:
         response: DeploymentResponse | None = None
         started = time.perf_counter()
         routed = Routed(retries.remaining_s(), retries.attempt_timeout_s)
+        lent = self._lend(inputs)
+        replica_done = False
         try:
             async with routed:
                 response = self.engine.infer.remote(
                     model,
-                    inputs,
+                    inputs if lent is None else lent.shared,
                     local_retries=retries.policy.local_retries,
                     deadline_s=retries.attempt_timeout_s(),
                     exclude=retries.exclude_now(),
@@ -274,6 +288,7 @@ class AttemptLoop:
                     attempt_id=routed.attempt_id,
                 )
                 outputs, trail = await response
+                replica_done = True
         except TimeoutError:
             if response is not None:
                 response.cancel()  # the replica stops it: no execution left running
@@ -297,9 +312,16 @@ class AttemptLoop:
                 response.cancel()  # the caller is gone: so is the work done for it
             raise
         except BackPressureError:
+            replica_done = True  # no replica took it
             raise
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
+            replica_done = True
+            if isinstance(unwrap(exc), InputsUnreachable):
+                self.outbox.turn_off(f"replica {routed.replica_id}: {unwrap(exc)}")
             raise failed_attempt(exc, routed.replica_id) from None
+        finally:
+            if lent is not None:
+                self.outbox.give_back(lent, reusable=replica_done)
         if trail:
             # The attempt as the Router saw it, beside the replica's own ``ms``: the
             # difference is the hop there and back.

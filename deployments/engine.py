@@ -33,6 +33,7 @@ from engines.runner import Call, ModelRunner
 from engines.spec import example_inputs
 
 from .config import cache_path
+from .handoff import Inbox, SharedInputs
 from .lifeline import Lifeline
 from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
@@ -324,6 +325,7 @@ class EngineReplica:
         self._canary_thread = ThreadPoolExecutor(1, thread_name_prefix="canary")
         self._exiting = False
         self.metrics = ReplicaMetrics(self.core.runners, device_report())
+        self.inbox = Inbox()
         # Last: a replica that fails to start leaves no lifeline file behind.
         self.lifeline = Lifeline(self.replica_id)
         log.info("EngineReplica %s ready: %s", self.replica_id, device_report())
@@ -343,7 +345,7 @@ class EngineReplica:
     async def infer(
         self,
         model: str,
-        inputs: dict[str, np.ndarray],
+        inputs: dict[str, np.ndarray] | SharedInputs,
         local_retries: int = RetryPolicy.local_retries,
         deadline_s: float = RetryPolicy.attempt_timeout_s,
         exclude: list[str] | None = None,
@@ -354,6 +356,8 @@ class EngineReplica:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + deadline_s
         call = Call()
+        if isinstance(inputs, SharedInputs):
+            inputs = self.inbox.arrays(inputs)
         run = functools.partial(
             self.core.infer, model, inputs, local_retries=local_retries, deadline=deadline,
             call=call, since=time.perf_counter(),

@@ -188,6 +188,11 @@ class Watcher:
             threading.Thread(target=self._wait, args=(replica_id, mapped),
                              name=f"lifeline-{replica_id}", daemon=True).start()
 
+    def covers(self, replica_ids: frozenset[str]) -> bool:
+        """Whether each of ``replica_ids`` is watched: all of them are on this node."""
+        with self._lock:
+            return bool(replica_ids) and replica_ids <= self._watched
+
     def _wait(self, replica_id: str, mapped: _Mapped) -> None:
         assert _LIBC is not None
         code = _LIBC.pthread_mutex_lock(mapped.mutex)

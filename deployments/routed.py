@@ -148,6 +148,12 @@ def watch(replica_ids: frozenset[str]) -> None:
     _watcher.watch(replica_ids)
 
 
+def on_this_node(replica_ids: frozenset[str]) -> bool:
+    """Whether every one of ``replica_ids`` is on this process's node (its lifeline is
+    watched here)."""
+    return _watcher.covers(replica_ids)
+
+
 def dead() -> frozenset[str]:
     """Replicas whose lifelines said they died (Serve never reuses a replica id)."""
     with _lock:

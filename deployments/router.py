@@ -48,6 +48,7 @@ class Router:
 
     def __del__(self) -> None:
         self.codec.close()
+        self.attempts.outbox.close()
 
     async def _describe_one(self) -> dict[str, Any]:
         """Any live replica's report. A broadcast, because it bypasses the queue limit that
