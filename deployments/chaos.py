@@ -123,8 +123,9 @@ async def _faults(engine: Any, every_s: float, start: float, until: float, rng: 
 
 
 def run(cache_dir: str, replicas: int, seconds: float, callers: int, every_s: float,
-        kinds: list[str], seed: int, progress: Callable[[str], None] = print) -> ChaosResult:
-    args = parse_args({"models": ["tiny"], "replicas": replicas, "cpus_per_replica": 0,
+        kinds: list[str], seed: int, progress: Callable[[str], None] = print,
+        model: str = "tiny") -> ChaosResult:
+    args = parse_args({"models": [model], "replicas": replicas, "cpus_per_replica": 0,
                        "router_cpus": 0, "gpus_per_replica": 0, "cache_dir": cache_dir})
     engine = bind_engine(args)
     serve.run(PassThrough.bind(engine, bind_router(args, engine)), name=CHAOS_APP,
@@ -134,7 +135,7 @@ def run(cache_dir: str, replicas: int, seconds: float, callers: int, every_s: fl
         "pass-through, no retries": serve.get_deployment_handle("PassThrough", CHAOS_APP).infer,
     }
     engine_handle = serve.get_deployment_handle("EngineReplica", CHAOS_APP)
-    spec = engine_handle.describe.remote().result()["models"]["tiny"]["spec"]
+    spec = engine_handle.describe.remote().result()["models"][model]["spec"]
     rng = np.random.default_rng(seed)
     outcomes = {path: Outcomes() for path in PATHS}
     faults: list[tuple[float, str, str]] = []
@@ -143,7 +144,7 @@ def run(cache_dir: str, replicas: int, seconds: float, callers: int, every_s: fl
         start = time.monotonic()
         until = start + seconds
         tasks = [
-            _caller(calls[path], "tiny", spec, rng, outcomes[path], start, until, 30.0)
+            _caller(calls[path], model, spec, rng, outcomes[path], start, until, 30.0)
             for path in PATHS
             for _ in range(callers)
         ]

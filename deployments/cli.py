@@ -459,10 +459,10 @@ def cmd_chaos(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     ray.init(logging_level=logging.WARNING, include_dashboard=False)
-    print(f"chaos: {args.seconds:g} s, {args.callers} callers per path, a fault every "
-          f"{args.every:g} s from {args.faults}")
+    print(f"chaos: {args.model}, {args.seconds:g} s, {args.callers} callers per path, a fault "
+          f"every {args.every:g} s from {args.faults}")
     result = run(str(args.cache_dir), args.replicas, args.seconds, args.callers, args.every,
-                 args.faults, args.seed)
+                 args.faults, args.seed, model=args.model)
     print(result.table())
     if args.plot is not None and plot(result, args.plot):
         print(f"plot: {args.plot}")
@@ -473,6 +473,9 @@ def _add_chaos(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "chaos", help="random faults under load: trtserve's Router vs a router with no retries"
     )
+    p.add_argument("--model", default="tiny", choices=["tiny", "resnet50"],
+                   help="the built-in model served (resnet50's inputs, over 100 KiB, are "
+                        "handed to the replicas in shared memory)")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--callers", type=int, default=4, help="concurrent callers per path")
     p.add_argument("--every", type=float, default=6.0, help="seconds between faults")
