@@ -2,7 +2,7 @@
 exactly, buffers written again only when the replica is done with them, a dead Router's
 buffers let go; and on a real local Ray cluster with real ONNX Runtime replicas, batches of
 large inputs go that way, answer each request with its own rows, and lose nothing when a
-replica is killed under them."""
+replica is killed or hangs under them."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from deployments import handoff, lifeline
 from deployments.handoff import Inbox, Outbox
 from deployments.ray_errors import unwrap
 
-from .serving import FaultAt, deploy, engine, local_serve, replica_ids
+from .serving import FaultAt, deploy, engine, inject, local_serve, replica_ids
 
 pytestmark = pytest.mark.skipif(not handoff.available(), reason="needs Linux (memfd_create, /proc)")
 
@@ -244,3 +244,20 @@ def test_a_replica_that_cannot_open_a_buffer_answers_what_the_router_acts_on(
         engine().infer.remote("wide", unreachable).result(timeout_s=30)
     # The Router turns its outbox off on this (attempts.py) and fails the attempt over.
     assert isinstance(unwrap(raised.value), handoff.InputsUnreachable), repr(raised.value)
+
+
+@pytest.mark.integration
+def test_a_handed_off_batch_that_times_out_is_answered_from_another_replica(
+    port: int, cache_dir: Path, wide: Path
+) -> None:
+    router = deploy(cache_dir, models=[{"model": str(wide)}], replicas=2, pool_size=1,
+                    retry={"attempt_timeout_s": 1, "deadline_s": 10})
+    alone = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"])
+    inject({"kind": "hang", "seconds": 60}, target=sorted(replica_ids())[0])
+    inputs = [_rows(i) for i in range(96)]
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(lambda x: _call(router, x), inputs))
+    # The timed-out attempt's buffer is closed, never written again; the retry gets another.
+    trails = [_assert_own_rows(alone, x, r) for x, r in zip(inputs, results, strict=True)]
+    assert any("timed out" in a.get("message", "") for t in trails for a in t), \
+        "no attempt timed out on the hung replica"
