@@ -30,9 +30,9 @@ from engines.runner import Attempt
 from . import metrics
 from .batcher import Batcher, Pending, concatenate, own_request, router_slots, split
 from .catalogue import ModelInfo
-from .handoff import InputsUnreachable, Lent, Outbox
+from .handoff import Lent, Outbox
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
-from .ray_errors import FailedAttempt, failed_attempt, outcome, unwrap
+from .ray_errors import FailedAttempt, failed_attempt, outcome
 from .routed import Routed, on_this_node
 
 Outputs = dict[str, np.ndarray]
@@ -316,8 +316,7 @@ class AttemptLoop:
             raise
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
             replica_done = True
-            if isinstance(unwrap(exc), InputsUnreachable):
-                self.outbox.turn_off(f"replica {routed.replica_id}: {unwrap(exc)}")
+            self.outbox.after_failure(exc, routed.replica_id)
             raise failed_attempt(exc, routed.replica_id) from None
         finally:
             if lent is not None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .ray_errors import unwrap
+
 log = logging.getLogger("trtserve.handoff")
 
 # Ray's max_direct_call_object_size: an argument below it goes inline with the call, which
@@ -153,6 +155,13 @@ class Outbox:
             self._free.append(buffer)
         else:
             buffer.close()
+
+    def after_failure(self, exc: BaseException, replica: str | None) -> None:
+        """An attempt failed with ``exc`` (as Ray raised it): if its replica could not open
+        the buffer, every input goes through Ray from now on."""
+        cause = unwrap(exc)
+        if isinstance(cause, InputsUnreachable):
+            self.turn_off(f"replica {replica}: {cause}")
 
     def turn_off(self, why: str) -> None:
         """From now on every input goes through Ray's object store."""

@@ -72,6 +72,7 @@ def test_small_inputs_objects_and_a_turned_off_outbox_go_through_ray() -> None:
         assert outbox.lend({"x": np.ones((2, 16), np.float32)}) is None
         words = np.array([b"a" * 200_000], dtype=object)
         assert outbox.lend({"x": np.ones((1, 40_000), np.float32), "w": words}) is None
+        outbox.after_failure(ValueError("any other failure"), "r1")
         assert outbox.lend(_big(1)) is not None
         outbox.turn_off("a replica could not open a buffer")
         assert outbox.lend(_big(1)) is None
@@ -242,8 +243,14 @@ def test_a_replica_that_cannot_open_a_buffer_answers_what_the_router_acts_on(
                                        (("x", "<f4", (1, WIDTH), 0),))
     with pytest.raises(Exception) as raised:
         engine().infer.remote("wide", unreachable).result(timeout_s=30)
-    # The Router turns its outbox off on this (attempts.py) and fails the attempt over.
     assert isinstance(unwrap(raised.value), handoff.InputsUnreachable), repr(raised.value)
+    # What the Router does with it (attempts.py): no more handoffs; the attempt fails over.
+    outbox = Outbox()
+    try:
+        outbox.after_failure(raised.value, "r1")
+        assert outbox.lend(_big(1)) is None
+    finally:
+        outbox.close()
 
 
 @pytest.mark.integration
