@@ -24,7 +24,8 @@ from deployments.ray_errors import unwrap
 
 from .serving import FaultAt, deploy, engine, inject, local_serve, replica_ids
 
-pytestmark = pytest.mark.skipif(not handoff.available(), reason="needs Linux (memfd_create, /proc)")
+pytestmark = pytest.mark.skipif(not handoff.available(),
+                                reason="needs Linux: os.memfd_create and /proc are missing here")
 
 WIDTH = 32_768  # 128 KiB a row: over handoff.MIN_BYTES alone
 
@@ -186,9 +187,9 @@ def _assert_own_rows(alone: ort.InferenceSession, inputs: dict[str, np.ndarray],
     return trail  # type: ignore[no-any-return]
 
 
-def _served(cache_dir: Path, wide: Path) -> tuple[Any, ort.InferenceSession]:
+def _served(cache_dir: Path, wide: Path, **args: Any) -> tuple[Any, ort.InferenceSession]:
     """The app serving ``wide`` (2 replicas of one context), and the model alone."""
-    router = deploy(cache_dir, models=[{"model": str(wide)}], replicas=2, pool_size=1)
+    router = deploy(cache_dir, models=[{"model": str(wide)}], replicas=2, pool_size=1, **args)
     return router, ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"])
 
 
@@ -257,9 +258,7 @@ def test_a_replica_that_cannot_open_a_buffer_answers_what_the_router_acts_on(
 def test_a_handed_off_batch_that_times_out_is_answered_from_another_replica(
     port: int, cache_dir: Path, wide: Path
 ) -> None:
-    router = deploy(cache_dir, models=[{"model": str(wide)}], replicas=2, pool_size=1,
-                    retry={"attempt_timeout_s": 1, "deadline_s": 10})
-    alone = ort.InferenceSession(str(wide), providers=["CPUExecutionProvider"])
+    router, alone = _served(cache_dir, wide, retry={"attempt_timeout_s": 1, "deadline_s": 10})
     inject({"kind": "hang", "seconds": 60}, target=sorted(replica_ids())[0])
     inputs = [_rows(i) for i in range(96)]
     with ThreadPoolExecutor(24) as pool:
