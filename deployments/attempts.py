@@ -30,13 +30,18 @@ from engines.runner import Attempt
 from . import metrics
 from .batcher import Batcher, Pending, concatenate, own_request, router_slots, split
 from .catalogue import ModelInfo
-from .handoff import Lent, Outbox
+from .handoff import Outbox
+from .lane import Full, LaneCall, LaneClosed, Lanes
+from .lane import available as lanes_available
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
 from .ray_errors import FailedAttempt, failed_attempt, outcome
-from .routed import Routed, on_this_node
+from .routed import Routed, dead, in_flight, on_this_node
+from .routing import by_own_load, eligible
 
 Outputs = dict[str, np.ndarray]
 Trail = list[dict[str, Any]]
+# Every replica that could take the attempt is full: wait, then try again (or Overloaded).
+_QUEUES_FULL = (BackPressureError, Full)
 
 
 class AttemptLoop:
@@ -58,6 +63,7 @@ class AttemptLoop:
         self.batches_in_flight: str | int = "auto"
         self._batchers: dict[str, Batcher] = {}
         self.outbox = Outbox()
+        self.lanes = Lanes() if lanes_available() else None
 
     def reconfigure(self, policy: RetryPolicy) -> None:
         if (policy.budget_ratio, policy.budget_window_s, policy.budget_min_per_s) != (
@@ -135,7 +141,7 @@ class AttemptLoop:
             started = time.perf_counter()
             try:
                 outputs, trail = await self._attempt(model, inputs, retries)
-            except BackPressureError:
+            except _QUEUES_FULL:
                 await asyncio.sleep(retries.after_backpressure())
                 continue
             except FailedAttempt as failed:
@@ -171,7 +177,7 @@ class AttemptLoop:
             try:
                 shared.before_attempt(self.live())
                 outputs, trail = await self._attempt(model, inputs, shared)
-            except BackPressureError:
+            except _QUEUES_FULL:
                 try:
                     await asyncio.sleep(shared.after_backpressure())
                 except TrtServeError as final:
@@ -246,13 +252,25 @@ class AttemptLoop:
                 model, failed, went_on=went_on, budget_refused=retries.budget_refused,
                 newly_ejected=len(self.ejections.current() - ejected))
 
-    def _lend(self, inputs: dict[str, np.ndarray]) -> Lent | None:
-        """A shared-memory buffer holding ``inputs`` (handoff.py), when every replica is on
-        this node; None sends them through Ray."""
+    def _local(self) -> frozenset[str]:
+        """The live replicas, when every one is on this node (its lifeline watched here) and
+        none is known to have died; else none."""
         live = self.live()
         if live is None or not on_this_node(live):
+            return frozenset()
+        return live - dead()
+
+    def _by_lane(self, local: frozenset[str], retries: RequestRetries) -> str | None:
+        """The replica to send the attempt to through its lane (lane.py), chosen by the
+        request router's rules; None sends it through Serve's handle, which is also what
+        happens until every local replica's lane is open."""
+        if self.lanes is None or not local or not self.lanes.open_for(local):
             return None
-        return self.outbox.lend(inputs)
+        chosen = eligible(sorted(local), local, retries.exclude_now(), retries.ejected_now(),
+                          None)
+        if not chosen:
+            return None
+        return by_own_load(chosen, in_flight(), self.lanes.queue_lens())[0][0]
 
     @staticmethod
     def _with_router_entry(model: str, failed: FailedAttempt, started: float, rows: int) -> None:
@@ -271,22 +289,35 @@ class AttemptLoop:
     async def _attempt(
         self, model: str, inputs: dict[str, np.ndarray], retries: RequestRetries
     ) -> tuple[Outputs, Trail]:
-        response: DeploymentResponse | None = None
+        response: DeploymentResponse | LaneCall | None = None
         started = time.perf_counter()
         routed = Routed(retries.remaining_s(), retries.attempt_timeout_s)
-        lent = self._lend(inputs)
+        local = self._local()
+        # Inputs in shared memory (handoff.py) only where every replica could map them.
+        lent = self.outbox.lend(inputs) if local else None
+        payload = inputs if lent is None else lent.shared
         replica_done = False
         try:
             async with routed:
-                response = self.engine.infer.remote(
-                    model,
-                    inputs if lent is None else lent.shared,
-                    local_retries=retries.policy.local_retries,
-                    deadline_s=retries.attempt_timeout_s(),
-                    exclude=retries.exclude_now(),
-                    ejected=retries.ejected_now(),
-                    attempt_id=routed.attempt_id,
-                )
+                replica = self._by_lane(local, retries)
+                if replica is None:
+                    response = self.engine.infer.remote(
+                        model,
+                        payload,
+                        local_retries=retries.policy.local_retries,
+                        deadline_s=retries.attempt_timeout_s(),
+                        exclude=retries.exclude_now(),
+                        ejected=retries.ejected_now(),
+                        attempt_id=routed.attempt_id,
+                    )
+                else:
+                    routed.sent_to(replica)
+                    response = self.lanes.lane(replica).call(  # type: ignore[union-attr]
+                        model,
+                        payload,
+                        local_retries=retries.policy.local_retries,
+                        deadline_s=retries.attempt_timeout_s(),
+                    )
                 outputs, trail = await response
                 replica_done = True
         except TimeoutError:
@@ -311,9 +342,17 @@ class AttemptLoop:
             if response is not None:
                 response.cancel()  # the caller is gone: so is the work done for it
             raise
-        except BackPressureError:
+        except _QUEUES_FULL:
             replica_done = True  # no replica took it
             raise
+        except LaneClosed:
+            # The replica's end of the socket closed: its process is gone (or going).
+            err = ReplicaFailure(
+                f"replica {routed.replica_id} died with this request in flight (its lane "
+                f"closed {(time.perf_counter() - started):.3f} s into the attempt)",
+                replica_id=routed.replica_id,
+            )
+            raise FailedAttempt(err, routed.replica_id, died=True) from None
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
             replica_done = True
             self.outbox.after_failure(exc, routed.replica_id)

@@ -34,6 +34,8 @@ from engines.spec import example_inputs
 
 from .config import cache_path
 from .handoff import Inbox, SharedInputs
+from .lane import LaneServer
+from .lane import available as lane_available
 from .lifeline import Lifeline
 from .metrics import ReplicaMetrics
 from .policy import RetryPolicy
@@ -326,6 +328,12 @@ class EngineReplica:
         self._exiting = False
         self.metrics = ReplicaMetrics(self.core.runners, device_report())
         self.inbox = Inbox()
+        # Routers on this node call infer through it, past Serve and Ray (lane.py), with
+        # the same limit on calls in flight as Serve's.
+        self.lane = LaneServer(
+            self.replica_id, self.infer,
+            serve.get_replica_context()._deployment_config.max_ongoing_requests,
+        ) if lane_available() else None
         # Last: a replica that fails to start leaves no lifeline file behind.
         self.lifeline = Lifeline(self.replica_id)
         log.info("EngineReplica %s ready: %s", self.replica_id, device_report())
@@ -392,7 +400,8 @@ class EngineReplica:
     async def describe(
         self, exclude: list[str] | None = None, target: str | None = None
     ) -> dict[str, Any]:
-        return self.core.describe()
+        lane_calls = self.lane.calls if self.lane is not None else None
+        return {**self.core.describe(), "lane_calls": lane_calls}
 
     async def check_health(self) -> None:
         # Its own thread: a canary must not queue behind requests and miss Serve's timeout.
@@ -408,6 +417,9 @@ class EngineReplica:
         return {"device": device_report()}
 
     def __del__(self) -> None:
+        lane = getattr(self, "lane", None)
+        if lane is not None:
+            lane.close()
         lifeline = getattr(self, "lifeline", None)
         if lifeline is not None:
             lifeline.close()

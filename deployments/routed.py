@@ -97,6 +97,12 @@ class Routed:
         if self._open and not self._timeout.expired():
             self._timeout.reschedule(self._loop.time() + self._running_s())
 
+    def sent_to(self, replica_id: str) -> None:
+        """The Router chose ``replica_id`` itself and sends the attempt straight there
+        (lane.py): counted there, and accepted, at once."""
+        first_choice(self.attempt_id, replica_id)
+        accepted(self.attempt_id, replica_id)
+
     def _end_for_death(self) -> None:
         if self._open and not self._timeout.expired():
             self.died = True

@@ -1,0 +1,325 @@
+"""Attempts to an engine replica on the Router's own node over a Unix socket of the
+replica's, not through Serve's handle and Ray's task RPC.
+
+Why: at 256 callers on an H100 or H200 the hop from a Router to a replica and back took
+about 23 ms under load and 7 ms unloaded, longer than the replica's own part of a batch
+(docs/benchmarks.md). Each call there crosses Serve's request router, Ray's core worker in
+both processes and Serve's replica wrapper. Where Router and replica share a node, the same
+call needs only a message on a socket.
+
+The replica (``LaneServer``) listens on an abstract Unix socket named after its replica id:
+nothing in a file system, gone with the process. It serves processes of its own user only
+(``SO_PEERCRED``). A frame is a length and a pickle. The Router sends a call (its id, the
+model, the inputs, the keyword arguments of ``EngineReplica.infer``) or a cancel (the id);
+the replica answers each call with its result or its error and how many lane calls it has
+in flight. A call runs through the same ``EngineReplica.infer`` as Serve's calls (per-model
+limits, the attempt's deadline, cancellation stops the run); past ``limit`` calls in flight
+the replica refuses at once (``Full``), as Serve sheds past ``max_ongoing_requests``.
+
+The Router (``Lanes``) keeps one connection per replica, opened in the background as
+replicas appear. A connection that closes with calls in flight is the replica's death: the
+calls end at once with ``LaneClosed``. Which replica to use is still decided by the rules of
+the request router (``routing.eligible``, ``routing.by_own_load``), with the lane's own
+count of calls in flight as the queue length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+log = logging.getLogger("trtserve.lane")
+
+_LENGTH = struct.Struct("!Q")
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+# Seconds between tries to reach a replica whose lane did not answer (a replica of a
+# version without one, or one still starting).
+RETRY_CONNECT_S = 1.0
+
+
+def address(replica_id: str) -> str:
+    """The replica's abstract socket (Linux): the leading NUL keeps it out of any file
+    system."""
+    return f"\0trtserve-lane-{replica_id}"
+
+
+def available() -> bool:
+    return hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED")
+
+
+class Full(Exception):
+    """The replica has ``limit`` lane calls in flight already."""
+
+
+class LaneClosed(Exception):
+    """The connection to the replica closed with the call in flight."""
+
+
+def _frame(message: Any) -> bytes:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(body)) + body
+
+
+async def _read(reader: asyncio.StreamReader) -> Any:
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    return pickle.loads(await reader.readexactly(length))
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    """The error itself when it survives pickling (the taxonomy's all do), else its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class LaneServer:
+    """The replica's end. ``infer`` is ``EngineReplica.infer``; create it on the event loop
+    that runs ``infer``."""
+
+    def __init__(
+        self, replica_id: str, infer: Callable[..., Awaitable[Any]], limit: int
+    ) -> None:
+        self.infer = infer
+        self.limit = limit
+        self.ongoing = 0
+        self.calls = 0  # answered or refused, since the start (describe)
+        self._uid = os.getuid()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(address(replica_id))
+        self._sock.listen(128)
+        self._sock.setblocking(False)
+        self._server: asyncio.Server | None = None
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        self._server = await asyncio.start_unix_server(self._connection, sock=self._sock)
+
+    def _same_user(self, writer: asyncio.StreamWriter) -> bool:
+        sock = writer.get_extra_info("socket")
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return bool(uid == self._uid)
+
+    async def _connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if not self._same_user(writer):
+            log.warning("lane: refused a connection from another user")
+            writer.close()
+            return
+        calls: dict[int, asyncio.Task[None]] = {}
+        try:
+            while True:
+                message = await _read(reader)
+                if message[0] == "cancel":
+                    task = calls.get(message[1])
+                    if task is not None:
+                        task.cancel()
+                    continue
+                _, call_id, args, kwargs = message
+                task = asyncio.ensure_future(self._call(writer, call_id, args, kwargs))
+                calls[call_id] = task
+                task.add_done_callback(lambda _, c=call_id: calls.pop(c, None))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the Router closed it, or died
+        finally:
+            # Nobody is left to read the answers: the work done for them stops.
+            for task in list(calls.values()):
+                task.cancel()
+            writer.close()
+
+    async def _call(
+        self, writer: asyncio.StreamWriter, call_id: int, args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.calls += 1
+        if self.ongoing >= self.limit:
+            answer: tuple[Any, ...] = (call_id, False, Full(f"{self.ongoing} calls in flight"))
+        else:
+            self.ongoing += 1
+            try:
+                answer = (call_id, True, await self.infer(*args, **kwargs))
+            except asyncio.CancelledError:
+                return  # the Router cancelled it and waits for no answer
+            except Exception as exc:
+                answer = (call_id, False, _picklable(exc))
+            finally:
+                self.ongoing -= 1
+        if not writer.is_closing():
+            writer.write(_frame((*answer, self.ongoing)))
+
+    def close(self) -> None:
+        """Stops taking connections (calls in flight go on). Serve calls it on the loop
+        that serves; once more, harmlessly, when the replica object is collected."""
+        if self._sock.fileno() < 0:
+            return
+        if self._server is not None:
+            self._server.close()
+        self._task.cancel()
+        self._sock.close()
+
+
+class LaneCall:
+    """One call in flight: awaitable for the replica's result, ``cancel()`` to stop it there.
+    Shaped like Serve's ``DeploymentResponse``, so the attempt loop treats both alike."""
+
+    def __init__(self, lane: Lane, call_id: int, future: asyncio.Future[Any]) -> None:
+        self._lane = lane
+        self._id = call_id
+        self._future = future
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._future.__await__()
+
+    def cancel(self) -> None:
+        """Stops the call in the replica unless it was answered. (The future may be
+        cancelled already: asyncio cancels what a cancelled task awaits.)"""
+        self._lane.cancel(self._id)
+
+
+class Lane:
+    """This process's connection to one replica."""
+
+    def __init__(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+        self.ongoing = 0  # the replica's lane calls in flight, as of its last answer
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._reading: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._pending)
+
+    @property
+    def open(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        # Connected here, not by asyncio: uvloop (Serve's loop) refuses an abstract address
+        # (EINVAL). A local stream socket's connect does not wait on its peer.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(1.0)
+            sock.connect(address(self.replica_id))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        reader, self._writer = await asyncio.open_unix_connection(sock=sock)
+        self._reading = asyncio.ensure_future(self._answers(reader))
+
+    async def _answers(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                call_id, ok, value, ongoing = await _read(reader)
+                self.ongoing = ongoing
+                future = self._pending.pop(call_id, None)
+                if future is None or future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass  # the replica's process is gone, or going
+        except Exception:
+            log.exception("lane to replica %s: an unreadable answer; closing it",
+                          self.replica_id)
+        finally:
+            self.close(LaneClosed(f"replica {self.replica_id}'s lane closed"))
+
+    def call(self, *args: Any, **kwargs: Any) -> LaneCall:
+        assert self._writer is not None
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        self._writer.write(_frame(("call", call_id, args, kwargs)))
+        return LaneCall(self, call_id, future)
+
+    def cancel(self, call_id: int) -> None:
+        future = self._pending.pop(call_id, None)
+        if future is None:
+            return  # answered already
+        future.cancel()
+        if self.open:
+            assert self._writer is not None
+            self._writer.write(_frame(("cancel", call_id)))
+
+    def close(self, why: Exception | None = None) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(why or LaneClosed(f"replica {self.replica_id}'s lane "
+                                                       "was closed by this process"))
+        if self._writer is not None:
+            self._writer.close()
+        if self._reading is not None and self._reading is not asyncio.current_task():
+            self._reading.cancel()
+
+
+class Lanes:
+    """This process's lanes, one per replica, opened in the background as replicas appear
+    (``open_for``) and dropped as they go."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, Lane] = {}
+        self._connecting: dict[str, asyncio.Task[None]] = {}
+        self._failed_at: dict[str, float] = {}
+
+    def open_for(self, replica_ids: frozenset[str]) -> bool:
+        """Whether every one of ``replica_ids`` has an open lane; starts opening the missing
+        ones (a replica whose lane did not answer is tried again after
+        ``RETRY_CONNECT_S``). Lanes of replicas no longer listed are let go once their
+        calls are answered: Serve lets a replica it stops finish what it holds."""
+        for gone in [r for r, lane in self._lanes.items()
+                     if r not in replica_ids and not lane.busy]:
+            self._lanes.pop(gone).close()
+        for gone in [r for r in self._failed_at if r not in replica_ids]:
+            del self._failed_at[gone]
+        ready = True
+        for replica in replica_ids:
+            lane = self._lanes.get(replica)
+            if lane is not None and lane.open:
+                continue
+            ready = False
+            if replica not in self._connecting:
+                self._start(replica)
+        return ready
+
+    def _start(self, replica: str) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._failed_at.get(replica, -RETRY_CONNECT_S) < RETRY_CONNECT_S:
+            return
+        lane = Lane(replica)
+
+        async def connect() -> None:
+            try:
+                await lane.connect()
+            except OSError:
+                self._failed_at[replica] = loop.time()
+                return
+            finally:
+                self._connecting.pop(replica, None)
+            old = self._lanes.get(replica)
+            if old is not None:
+                old.close()
+            self._lanes[replica] = lane
+
+        self._connecting[replica] = asyncio.ensure_future(connect())
+
+    def lane(self, replica: str) -> Lane:
+        return self._lanes[replica]
+
+    def queue_lens(self) -> dict[str, int]:
+        return {r: lane.ongoing for r, lane in self._lanes.items()}

@@ -1,0 +1,204 @@
+"""Attempts over a replica's lane (deployments/lane.py): a call answered with its result or
+its own error, a cancel that reaches the run, a replica past its limit refusing, a closed
+replica ending its calls at once; and on a real local Ray cluster, a Router sending its
+attempts that way once the lanes are open."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deployments import lane
+from deployments.lane import Full, Lane, LaneClosed, Lanes, LaneServer
+from engines.errors import ContextFailure
+from engines.models import tiny_reference
+
+from .serving import deploy, describe_all, local_serve, varied_inputs
+
+pytestmark = pytest.mark.skipif(not lane.available(),
+                                reason="needs Linux: abstract Unix sockets and SO_PEERCRED")
+
+_ids = itertools.count()
+
+
+class Replica:
+    """A stand-in for EngineReplica.infer on the far end of a real socket: it answers, fails,
+    or holds a call until released, and records what it saw."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.cancelled = 0
+        self.started = asyncio.Event()
+
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], **kwargs: Any) -> Any:
+        if model == "fails":
+            raise ContextFailure("bad context", replica_id="r")
+        if model == "holds":
+            self.started.set()
+            try:
+                await self.release.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return {"y": inputs["x"] * 2}, [{"kwargs": kwargs}]
+
+
+Scenario = Callable[[Replica, LaneServer, Lane], Awaitable[None]]
+
+
+def _run(scenario: Scenario) -> None:
+    """``scenario`` on one event loop, with a replica's lane served and this process's lane
+    to it open."""
+
+    async def main() -> None:
+        replica_id = f"test-{os.getpid()}-{next(_ids)}"
+        replica = Replica()
+        server = LaneServer(replica_id, replica.infer, limit=2)
+        lanes = Lanes()
+        try:
+            await _open(lanes, replica_id)
+            await scenario(replica, server, lanes.lane(replica_id))
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
+async def _open(lanes: Lanes, replica_id: str) -> None:
+    for _ in range(500):
+        if lanes.open_for(frozenset({replica_id})):
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the lane never opened")
+
+
+def test_a_call_is_answered_with_its_result_and_the_replica_sees_its_arguments() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        outputs, trail = await one.call("m", {"x": x}, deadline_s=1.5)
+        np.testing.assert_array_equal(outputs["y"], x * 2)
+        assert trail == [{"kwargs": {"deadline_s": 1.5}}]
+        assert server.calls == 1
+        assert one.ongoing == 0
+
+    _run(scenario)
+
+
+def test_the_replicas_error_comes_back_as_itself() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        with pytest.raises(ContextFailure, match="bad context") as caught:
+            await one.call("fails", {"x": np.zeros(1)})
+        assert caught.value.replica_id == "r"
+
+    _run(scenario)
+
+
+def test_a_cancel_reaches_the_run_in_the_replica() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        call = one.call("holds", {"x": np.zeros(1)})
+        await asyncio.wait_for(replica.started.wait(), 5)
+        # As the attempt loop does: its task's timeout cancels what it awaits first.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(call, 0.05)
+        call.cancel()
+        for _ in range(500):
+            if replica.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert replica.cancelled == 1
+        assert server.ongoing == 0
+
+    _run(scenario)
+
+
+def test_past_its_limit_the_replica_refuses_at_once() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        held = [one.call("holds", {"x": np.zeros(1)}) for _ in range(2)]
+        await asyncio.wait_for(replica.started.wait(), 5)
+        with pytest.raises(Full):
+            await asyncio.wait_for(one.call("m", {"x": np.zeros(1)}), 5)
+        assert one.ongoing == 2
+        replica.release.set()
+        for call in held:
+            await asyncio.wait_for(call, 5)
+
+    _run(scenario)
+
+
+def _serve_and_hold(replica_id: str, ready: Any) -> None:
+    """A replica process whose every call holds until the process is killed."""
+
+    async def main() -> None:
+        replica = Replica()
+        LaneServer(replica_id, replica.infer, limit=8)
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def test_a_replica_that_dies_ends_its_calls_at_once() -> None:
+    replica_id = f"test-{os.getpid()}-{next(_ids)}"
+    spawn = multiprocessing.get_context("spawn")
+    ready = spawn.Event()
+    child = spawn.Process(target=_serve_and_hold, args=(replica_id, ready))
+    child.start()
+    try:
+        assert ready.wait(60)
+
+        async def main() -> None:
+            lanes = Lanes()
+            await _open(lanes, replica_id)
+            calls = [lanes.lane(replica_id).call("holds", {"x": np.zeros(1)})
+                     for _ in range(3)]
+            await asyncio.sleep(0.2)
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            for call in calls:
+                with pytest.raises(LaneClosed):
+                    await asyncio.wait_for(call, 5)
+            assert not lanes.open_for(frozenset({replica_id}))
+
+        asyncio.run(main())
+    finally:
+        child.kill()
+        child.join(10)
+
+
+def test_no_lane_is_open_to_a_replica_without_one() -> None:
+    async def main() -> None:
+        lanes = Lanes()
+        missing = frozenset({f"nobody-{os.getpid()}-{next(_ids)}"})
+        assert not lanes.open_for(missing)
+        await asyncio.sleep(0.1)
+        assert not lanes.open_for(missing)
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    with local_serve() as p:
+        yield p
+
+
+def test_a_router_sends_its_attempts_through_the_lanes_once_open(
+    port: int, cache_dir: Path
+) -> None:
+    router = deploy(cache_dir)
+    for i in range(40):
+        x = varied_inputs(i)["x"]
+        outputs, trail = router.infer_with_trail.remote("tiny", {"x": x}).result()
+        np.testing.assert_allclose(outputs["probs"], tiny_reference(x)["probs"],
+                                   rtol=1e-5, atol=1e-6)
+        assert trail[-1]["outcome"] == "ok"
+    # The first attempts go through Serve's handle while the lanes open.
+    assert sum(r["lane_calls"] for r in describe_all()) >= 30
