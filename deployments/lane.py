@@ -154,8 +154,14 @@ class LaneServer:
                 answer = (call_id, False, _picklable(exc))
             finally:
                 self.ongoing -= 1
-        if not writer.is_closing():
-            writer.write(_frame((*answer, self.ongoing)))
+        if writer.is_closing():
+            return
+        try:
+            frame = _frame((*answer, self.ongoing))
+        except Exception as exc:  # an answer that cannot travel must still end the call
+            frame = _frame((call_id, False, RuntimeError(f"unpicklable answer: {exc}"),
+                            self.ongoing))
+        writer.write(frame)
 
     def close(self) -> None:
         """Stops taking connections (calls in flight go on). Serve calls it on the loop

@@ -42,6 +42,8 @@ class Replica:
     async def infer(self, model: str, inputs: dict[str, np.ndarray], **kwargs: Any) -> Any:
         if model == "fails":
             raise ContextFailure("bad context", replica_id="r")
+        if model == "unpicklable":
+            return {"y": lambda: None}, []
         if model == "holds":
             self.started.set()
             try:
@@ -98,6 +100,15 @@ def test_the_replicas_error_comes_back_as_itself() -> None:
         with pytest.raises(ContextFailure, match="bad context") as caught:
             await one.call("fails", {"x": np.zeros(1)})
         assert caught.value.replica_id == "r"
+
+    _run(scenario)
+
+
+def test_an_answer_that_cannot_be_sent_still_ends_the_call() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        with pytest.raises(RuntimeError, match="unpicklable answer"):
+            await asyncio.wait_for(one.call("unpicklable", {"x": np.zeros(1)}), 5)
+        assert server.ongoing == 0
 
     _run(scenario)
 
