@@ -35,8 +35,7 @@ from .lane import Full, LaneCall, LaneClosed, Lanes
 from .lane import available as lanes_available
 from .policy import Ejections, PoisonedInputs, RequestRetries, RetryBudget, RetryPolicy
 from .ray_errors import FailedAttempt, failed_attempt, outcome
-from .routed import Routed, dead, in_flight, on_this_node
-from .routing import by_own_load, eligible
+from .routed import Routed, dead, on_this_node
 
 Outputs = dict[str, np.ndarray]
 Trail = list[dict[str, Any]]
@@ -261,16 +260,27 @@ class AttemptLoop:
         return live - dead()
 
     def _by_lane(self, local: frozenset[str], retries: RequestRetries) -> str | None:
-        """The replica to send the attempt to through its lane (lane.py), chosen by the
-        request router's rules; None sends it through Serve's handle, which is also what
-        happens until every local replica's lane is open."""
-        if self.lanes is None or not local or not self.lanes.open_for(local):
+        """The replica to send the attempt to over its lane (lane.py); None sends it
+        through Serve's handle, which is also what happens until every local replica's lane
+        is open."""
+        if self.lanes is None:
             return None
-        chosen = eligible(sorted(local), local, retries.exclude_now(), retries.ejected_now(),
-                          None)
-        if not chosen:
-            return None
-        return by_own_load(chosen, in_flight(), self.lanes.queue_lens())[0][0]
+        return self.lanes.choose(local, retries.exclude_now(), retries.ejected_now())
+
+    def _gone(self, replica: str, how: str, started: float) -> FailedAttempt:
+        """The replica went away with the attempt in flight. A death while Serve still
+        lists it counts as broken (ejection; a second one makes a query of death). One that
+        Serve no longer lists was being stopped (Serve stops routing to a replica before it
+        stops it, and waits only for its own calls, not a lane's): unavailable, no worse."""
+        live = self.live()
+        died = live is None or replica in live
+        what = "died" if died else "was stopped by Serve"
+        err = ReplicaFailure(
+            f"replica {replica} {what} with this request in flight (its {how} "
+            f"{(time.perf_counter() - started):.3f} s into the attempt)",
+            replica_id=replica,
+        )
+        return FailedAttempt(err, replica, died=died)
 
     @staticmethod
     def _with_router_entry(model: str, failed: FailedAttempt, started: float, rows: int) -> None:
@@ -326,12 +336,7 @@ class AttemptLoop:
             if routed.replica_id is None:
                 raise retries.deadline_exceeded() from None
             if routed.died:
-                err = ReplicaFailure(
-                    f"replica {routed.replica_id} died with this request in flight (its "
-                    f"lifeline ended {(time.perf_counter() - started):.3f} s into the attempt)",
-                    replica_id=routed.replica_id,
-                )
-                raise FailedAttempt(err, routed.replica_id, died=True) from None
+                raise self._gone(routed.replica_id, "lifeline ended", started) from None
             err = ReplicaFailure(
                 f"attempt on replica {routed.replica_id} timed out after "
                 f"{(time.perf_counter() - started):.3f} s",
@@ -347,12 +352,8 @@ class AttemptLoop:
             raise
         except LaneClosed:
             # The replica's end of the socket closed: its process is gone (or going).
-            err = ReplicaFailure(
-                f"replica {routed.replica_id} died with this request in flight (its lane "
-                f"closed {(time.perf_counter() - started):.3f} s into the attempt)",
-                replica_id=routed.replica_id,
-            )
-            raise FailedAttempt(err, routed.replica_id, died=True) from None
+            assert routed.replica_id is not None  # a lane is chosen before it is used
+            raise self._gone(routed.replica_id, "lane closed", started) from None
         except Exception as exc:  # Ray's errors and the replica's, in the taxonomy
             replica_done = True
             self.outbox.after_failure(exc, routed.replica_id)

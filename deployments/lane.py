@@ -32,8 +32,13 @@ import os
 import pickle
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
+
+from engines.errors import ReplicaFailure
+
+from .routed import in_flight
+from .routing import by_own_load, eligible
 
 log = logging.getLogger("trtserve.lane")
 
@@ -42,6 +47,9 @@ _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Seconds between tries to reach a replica whose lane did not answer (a replica of a
 # version without one, or one still starting).
 RETRY_CONNECT_S = 1.0
+# Seconds a Router leaves out a replica that answered Full while others have room: its
+# count of calls in flight is only as fresh as its last answer to this Router.
+FULL_FOR_S = 0.1
 
 
 def address(replica_id: str) -> str:
@@ -92,6 +100,8 @@ class LaneServer:
         self.limit = limit
         self.ongoing = 0
         self.calls = 0  # answered or refused, since the start (describe)
+        self.replica_id = replica_id
+        self.closing = False
         self._uid = os.getuid()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(address(replica_id))
@@ -142,8 +152,13 @@ class LaneServer:
         kwargs: dict[str, Any],
     ) -> None:
         self.calls += 1
-        if self.ongoing >= self.limit:
-            answer: tuple[Any, ...] = (call_id, False, Full(f"{self.ongoing} calls in flight"))
+        if self.closing:
+            # Serve is stopping this replica (it no longer routes to it): the Router tries
+            # another, and blames this one for nothing worse than being unavailable.
+            answer: tuple[Any, ...] = (call_id, False, ReplicaFailure(
+                f"replica {self.replica_id} is stopping", replica_id=self.replica_id))
+        elif self.ongoing >= self.limit:
+            answer = (call_id, False, Full(f"{self.ongoing} calls in flight"))
         else:
             self.ongoing += 1
             try:
@@ -164,8 +179,9 @@ class LaneServer:
         writer.write(frame)
 
     def close(self) -> None:
-        """Stops taking connections (calls in flight go on). Serve calls it on the loop
-        that serves; once more, harmlessly, when the replica object is collected."""
+        """Stops taking connections and calls (calls in flight go on). Serve calls it on the
+        loop that serves; once more, harmlessly, when the replica object is collected."""
+        self.closing = True
         if self._sock.fileno() < 0:
             return
         if self._server is not None:
@@ -198,10 +214,17 @@ class Lane:
     def __init__(self, replica_id: str) -> None:
         self.replica_id = replica_id
         self.ongoing = 0  # the replica's lane calls in flight, as of its last answer
+        self._full_until = 0.0
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count()
         self._reading: asyncio.Task[None] | None = None
+
+    @property
+    def has_room(self) -> bool:
+        """False for ``FULL_FOR_S`` after the replica answered ``Full``, unless it answered
+        anything else since."""
+        return asyncio.get_running_loop().time() >= self._full_until
 
     @property
     def busy(self) -> bool:
@@ -230,6 +253,8 @@ class Lane:
             while True:
                 call_id, ok, value, ongoing = await _read(reader)
                 self.ongoing = ongoing
+                self._full_until = (asyncio.get_running_loop().time() + FULL_FOR_S
+                                    if isinstance(value, Full) else 0.0)
                 future = self._pending.pop(call_id, None)
                 if future is None or future.done():
                     continue
@@ -248,9 +273,10 @@ class Lane:
     def call(self, *args: Any, **kwargs: Any) -> LaneCall:
         assert self._writer is not None
         call_id = next(self._ids)
+        frame = _frame(("call", call_id, args, kwargs))  # before anything waits on it
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        self._writer.write(_frame(("call", call_id, args, kwargs)))
+        self._writer.write(frame)
         return LaneCall(self, call_id, future)
 
     def cancel(self, call_id: int) -> None:
@@ -323,6 +349,21 @@ class Lanes:
             self._lanes[replica] = lane
 
         self._connecting[replica] = asyncio.ensure_future(connect())
+
+    def choose(
+        self, replicas: frozenset[str], exclude: Iterable[str], ejected: Iterable[str]
+    ) -> str | None:
+        """The replica to send an attempt to over its lane, by the request router's rules
+        (``routing.eligible``: exclusions, room, ejections; then ``routing.by_own_load``,
+        the lanes' calls in flight as queue lengths); None while any of ``replicas`` has no
+        open lane, or when nothing is allowed (the caller goes through Serve)."""
+        if not replicas or not self.open_for(replicas):
+            return None
+        room = [r for r in replicas if self._lanes[r].has_room]
+        chosen = eligible(sorted(replicas), room, exclude, ejected, None)
+        if not chosen:
+            return None
+        return by_own_load(chosen, in_flight(), self.queue_lens())[0][0]
 
     def lane(self, replica: str) -> Lane:
         return self._lanes[replica]

@@ -10,6 +10,7 @@ import itertools
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,11 @@ import numpy as np
 import pytest
 
 from deployments import lane
+from deployments.attempts import AttemptLoop
 from deployments.lane import Full, Lane, LaneClosed, Lanes, LaneServer
-from engines.errors import ContextFailure
+from deployments.policy import Ejections, RequestRetries, RetryBudget, RetryPolicy
+from deployments.routed import Routed
+from engines.errors import ContextFailure, PoisonInput, ReplicaFailure
 from engines.models import tiny_reference
 
 from .serving import deploy, describe_all, local_serve, varied_inputs
@@ -75,9 +79,9 @@ def _run(scenario: Scenario) -> None:
     asyncio.run(main())
 
 
-async def _open(lanes: Lanes, replica_id: str) -> None:
+async def _open(lanes: Lanes, *replica_ids: str) -> None:
     for _ in range(500):
-        if lanes.open_for(frozenset({replica_id})):
+        if lanes.open_for(frozenset(replica_ids)):
             return
         await asyncio.sleep(0.01)
     pytest.fail("the lane never opened")
@@ -143,6 +147,78 @@ def test_past_its_limit_the_replica_refuses_at_once() -> None:
             await asyncio.wait_for(call, 5)
 
     _run(scenario)
+
+
+def test_after_full_a_replica_with_room_is_chosen_and_the_full_one_again_later(
+) -> None:
+    async def main() -> None:
+        full_id, free_id = (f"test-{os.getpid()}-{next(_ids)}" for _ in range(2))
+        full, free = Replica(), Replica()
+        servers = [LaneServer(full_id, full.infer, limit=1),
+                   LaneServer(free_id, free.infer, limit=1)]
+        lanes = Lanes()
+        both = frozenset({full_id, free_id})
+        try:
+            await _open(lanes, full_id, free_id)
+            held = lanes.lane(full_id).call("holds", {"x": np.zeros(1)})
+            await asyncio.wait_for(full.started.wait(), 5)
+            with pytest.raises(Full):
+                await asyncio.wait_for(lanes.lane(full_id).call("m", {"x": np.zeros(1)}), 5)
+            # Full from the point of view of this process's count: it has an attempt in
+            # flight on the free replica and none on the full one, which the request
+            # router's rules (own load first) would choose every time.
+            async with Routed(10.0, lambda: 10.0) as routed:
+                routed.sent_to(free_id)
+                assert {lanes.choose(both, (), ()) for _ in range(50)} == {free_id}
+                # Nothing else allowed: the full one, to wait on as for Serve's backpressure.
+                assert lanes.choose(both, (free_id,), ()) == full_id
+                # The Full is only as fresh as the replica's last answer; later own load
+                # decides again.
+                await asyncio.sleep(lane.FULL_FOR_S * 1.5)
+                assert lanes.choose(both, (), ()) == full_id
+            full.release.set()
+            await asyncio.wait_for(held, 5)
+        finally:
+            for server in servers:
+                server.close()
+
+    asyncio.run(main())
+
+
+def test_a_replica_being_stopped_refuses_new_calls_as_unavailable() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        held = one.call("holds", {"x": np.zeros(1)})
+        await asyncio.wait_for(replica.started.wait(), 5)
+        server.close()  # as Serve's stop does, through EngineReplica.__del__
+        with pytest.raises(ReplicaFailure, match="is stopping"):
+            await asyncio.wait_for(one.call("m", {"x": np.zeros(1)}), 5)
+        replica.release.set()
+        outputs, _ = await asyncio.wait_for(held, 5)  # what it held goes on
+        assert outputs["y"].shape == (1,)
+
+    _run(scenario)
+
+
+def test_a_replica_serve_stopped_under_attempts_is_unavailable_not_broken() -> None:
+    """Serve stops routing to a replica before it stops it, and waits only for its own
+    calls: lane calls still in flight then end with the process, like a death. Two such
+    ends must not make a healthy request a query of death; two deaths of listed replicas
+    do."""
+    policy = RetryPolicy()
+
+    def after_two(listed: frozenset[str]) -> RequestRetries:
+        attempts = AttemptLoop(None, lambda: listed)  # type: ignore[arg-type]
+        retries = RequestRetries(policy, RetryBudget.for_policy(policy), Ejections(),
+                                 time.monotonic() + 30, "m")
+        for replica in ("r1", "r2"):
+            failed = attempts._gone(replica, "lane closed", time.perf_counter())
+            retries.after_failure(failed.error, failed.replica, died=failed.died)
+        return retries
+
+    stopped = after_two(frozenset({"r3"}))
+    assert stopped.excluded == {"r1", "r2"}
+    with pytest.raises(PoisonInput):
+        after_two(frozenset({"r1", "r2", "r3"}))
 
 
 def _serve_and_hold(replica_id: str, ready: Any) -> None:
