@@ -1,11 +1,12 @@
 """The attempt loop: one validated request, tried on one replica after another within one
 deadline, alone or in a dynamic batch.
 
-Each attempt is one ``handle.remote()`` call, telling the replica the attempt's time and the
-local retries it may spend; the request router reports the replica that accepted it
-(``routed.py``), so even an attempt that times out or dies knows whom to blame. Inputs of
-100 KiB or more go in shared memory when every replica is on the Router's node
-(``handoff.py``), else through Ray's object store with the call. A batch
+Each attempt is one call telling the replica the attempt's time and the local retries it
+may spend. Where every replica is on the Router's node it goes over the chosen replica's
+own socket (``lane.py``), and inputs of 100 KiB or more in shared memory (``handoff.py``);
+elsewhere it is one ``handle.remote()``, inputs through Ray's object store, and the request
+router reports the replica that accepted it (``routed.py``). Either way even an attempt
+that times out or dies knows whom to blame. A batch
 (``batcher.py``) is one attempt for all its requests; after it fails, each request goes on as
 its own (``_after_batch_failure``). What to do after each failure is decided by
 ``policy.RequestRetries``; this module only acts: it waits, cancels an abandoned attempt,
