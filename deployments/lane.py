@@ -17,8 +17,9 @@ limits, the attempt's deadline, cancellation stops the run); past ``limit`` call
 the replica refuses at once (``Full``), as Serve sheds past ``max_ongoing_requests``.
 
 The Router (``Lanes``) keeps one connection per replica, opened in the background as
-replicas appear. A connection that closes with calls in flight is the replica's death: the
-calls end at once with ``LaneClosed``. Which replica to use is still decided by the rules of
+replicas appear. A connection that closes with calls in flight ends them at once with
+``LaneClosed``: the attempt loop takes it for a death while Serve lists the replica, and
+for a replica Serve stopped once it does not. Which replica to use is still decided by the rules of
 the request router (``routing.eligible``, ``routing.by_own_load``), with the lane's own
 count of calls in flight as the queue length.
 """
@@ -32,6 +33,7 @@ import os
 import pickle
 import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
@@ -59,7 +61,8 @@ def address(replica_id: str) -> str:
 
 
 def available() -> bool:
-    return hasattr(socket, "AF_UNIX") and hasattr(socket, "SO_PEERCRED")
+    """Abstract Unix sockets and ``SO_PEERCRED``: Linux."""
+    return sys.platform == "linux" and hasattr(socket, "SO_PEERCRED")
 
 
 class Full(Exception):
@@ -236,7 +239,8 @@ class Lane:
 
     async def connect(self) -> None:
         # Connected here, not by asyncio: uvloop (Serve's loop) refuses an abstract address
-        # (EINVAL). A local stream socket's connect does not wait on its peer.
+        # (EINVAL). A local stream socket's connect waits only while the replica's backlog
+        # (128 connections not yet accepted) is full, here at most 1 s.
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(1.0)
