@@ -1,5 +1,6 @@
 """A private Ray cluster for this process (a benchmark's, a test's), never one already running
-on the machine, started with the chosen HTTP ingress.
+on the machine, started with the chosen HTTP ingress and trtserve's Ray settings
+(``ray_config.py``).
 
 On the 2-core machine a new cluster's start has twice timed out with no error of its own (a
 raylet that never came up, a GCS whose port file never appeared) while the machine was busy
@@ -18,19 +19,20 @@ import ray
 from ray import serve
 
 from .ingress import Ingress, ingress_env
+from .ray_config import SYSTEM_CONFIG
 
 START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 def start_private_ray(ingress: Ingress, start: Callable[..., Any] = ray.init,
                       **init: Any) -> None:
-    """``start(address="local", **init)`` inside the ingress's environment, once more after a
-    start-up timeout. ``start`` is Ray's ``ray.init``; the parameter lets the retry rule be
-    checked without a slow machine."""
+    """``start(address="local", _system_config=SYSTEM_CONFIG, **init)`` inside the ingress's
+    environment, once more after a start-up timeout. ``start`` is Ray's ``ray.init``; the
+    parameter lets the retry rule be checked without a slow machine."""
     for attempt in (1, 2):
         try:
             with ingress_env(ingress, private=True):
-                start(address="local", **init)
+                start(address="local", _system_config=SYSTEM_CONFIG, **init)
             return
         except Exception as exc:
             if attempt == 2 or not any(text in str(exc) for text in START_TIMEOUTS):

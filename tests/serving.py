@@ -189,3 +189,16 @@ def replica_died_under(results: list[tuple[dict[str, np.ndarray], Outcome]]) -> 
     """Whether some answered request's trail shows its replica dying under it."""
     return any(not isinstance(r, BaseException) and
                any(a["outcome"] == "ReplicaFailure" for a in r[1]) for _, r in results)
+
+
+@ray.remote(num_cpus=0)
+def _references_held(argument: np.ndarray) -> int:
+    # An argument sent through the object store is a reference the callee borrows while the
+    # call runs; one sent inside the task's message is not.
+    return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+
+
+def sent_through_object_store(nbytes: int) -> bool:
+    """Whether this process sends a task argument of ``nbytes`` through the object store (as
+    the cluster's config decides), seen from a real task that receives one."""
+    return ray.get(_references_held.remote(np.zeros(nbytes, np.uint8)), timeout=60) > 0

@@ -25,6 +25,8 @@ print("joined", out.result(timeout_s=60)["probs"].shape)
 from ray.util.state import list_actors
 alive = list_actors(filters=[("state", "=", "ALIVE")])
 print("ingress", sorted(a.class_name for a in alive if "Proxy" in a.class_name))
+from tests.serving import sent_through_object_store
+print("an image through the object store:", sent_through_object_store(3 * 224 * 224 * 4))
 """
 
 NO_CLUSTER = """
@@ -91,6 +93,8 @@ def test_serve_runs_until_a_signal_and_leaves_nothing(how: str, cache_dir: Path)
         # The default ingress is Serve's HAProxy (its manager actor, beside the Python proxy
         # that stays as its fallback).
         assert "HAProxyManager" in joined
+        # A caller that joins reads the cluster's Ray settings (ray_config.py) from its head.
+        assert "an image through the object store: False" in joined
         haproxy = _haproxy_pids()
         assert haproxy, "no haproxy process while the command serves"
         # A second command joins this cluster, whose ingress it cannot change: it says so.

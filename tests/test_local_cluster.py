@@ -1,5 +1,6 @@
 """The private cluster's start: the ingress is in the environment while Ray starts and gone
-after; a start-up timeout is tried once more, any other failure is not."""
+after, trtserve's Ray settings reach its processes; a start-up timeout is tried once more, any
+other failure is not."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from deployments.ingress import DRAIN_ENV, HA_PROXY_ENV
 from deployments.local_cluster import start_private_ray
+from deployments.ray_config import INLINE_ARGUMENT_BYTES, SYSTEM_CONFIG
+from tests.serving import local_serve, sent_through_object_store
 
 # Ray's own words for the two start-up timeouts seen on the 2-core machine.
 RAYLET_TIMEOUT = "The current node timed out during startup. This could happen because ..."
@@ -40,7 +43,8 @@ def test_a_start_up_timeout_is_tried_once_more_in_the_ingress_environment(
     start_private_ray("haproxy", starts, num_cpus=4)
     assert [s["haproxy"] for s in starts.seen] == ["1", "1"]
     assert [s["drain"] for s in starts.seen] == ["1.0", "1.0"]
-    assert starts.seen[1]["init"] == {"address": "local", "num_cpus": 4}
+    assert starts.seen[1]["init"] == {"address": "local", "_system_config": SYSTEM_CONFIG,
+                                      "num_cpus": 4}
     assert HA_PROXY_ENV not in os.environ  # restored: a later cluster chooses again
 
 
@@ -53,3 +57,15 @@ def test_a_second_timeout_and_any_other_failure_are_raised() -> None:
     with pytest.raises(RuntimeError, match="already in use"):
         start_private_ray("haproxy", other)
     assert len(other.seen) == 1
+
+
+@pytest.mark.integration
+def test_one_image_travels_inside_the_call_and_a_larger_argument_through_the_store() -> None:
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray running in this process"
+    with local_serve():
+        assert not sent_through_object_store(3 * 224 * 224 * 4)  # one resnet50 image
+        # The limit counts the pickled argument, a few hundred bytes more than its data.
+        assert not sent_through_object_store(INLINE_ARGUMENT_BYTES - 1024)
+        assert sent_through_object_store(INLINE_ARGUMENT_BYTES + 1024)
