@@ -55,6 +55,11 @@
 #                                       last commit, carried) against this one, alternating:
 #                                       HTTP binary and handle calls at 64 and 256 callers
 #                                       (AB_CONCURRENCY="256": at 256 only)
+#   bash tests/gpu_session.sh variants ROUNDS VARIANT...
+#                                       HTTP binary and handle calls at 64 and 256 callers, one
+#                                       run per variant per round, alternating; a variant is
+#                                       environment settings then flags ("" the defaults,
+#                                       "RAY_x=1 --flag 2")
 set -o pipefail
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 BENCH="python3 -m deployments.cli bench fastpath --model resnet50 --backend onnxruntime"
@@ -249,6 +254,19 @@ ab)
         --seconds 8 --warmup-s 3 --batching on --modes "http binary" handle --no-peer \
         --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 \
         --generators 4 2>&1) | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/ab.txt"
+    done
+  done
+  ;;
+variants)
+  rounds=$2; shift 2
+  for round in $(seq "$rounds"); do
+    for variant in "$@"; do
+      echo "== variant '$variant', round $round $(date +%T)" | tee -a "$OUT/variants.txt"
+      env=${variant%% --*}; flag=${variant#"$env"}
+      env $env timeout -k 10 150 $BENCH --concurrency 64 256 --seconds 8 --warmup-s 3 \
+        --batching on --modes "http binary" handle --no-peer --recovery-faults $flag \
+        --ceiling-batch-sizes 32 --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
+        | grep -E "^  trtserve|^ceiling:|Error" | tee -a "$OUT/variants.txt"
     done
   done
   ;;
