@@ -9,12 +9,16 @@ call needs only a message on a socket.
 
 The replica (``LaneServer``) listens on an abstract Unix socket named after its replica id:
 nothing in a file system, gone with the process. It serves processes of its own user only
-(``SO_PEERCRED``). A frame is a length and a pickle. The Router sends a call (its id, the
-model, the inputs, the keyword arguments of ``EngineReplica.infer``) or a cancel (the id);
-the replica answers each call with its result or its error and how many lane calls it has
-in flight. A call runs through the same ``EngineReplica.infer`` as Serve's calls (per-model
-limits, the attempt's deadline, cancellation stops the run); past ``limit`` calls in flight
-the replica refuses at once (``Full``), as Serve sheds past ``max_ongoing_requests``.
+(``SO_PEERCRED``). A frame is a head and a body: their two lengths, then their pickles. The Router
+sends a call (head: its id; body: the model, the inputs, the keyword arguments of
+``EngineReplica.infer``) or a cancel (the id); the replica answers each call (head: its id,
+whether it succeeded, how many lane calls it has in flight; body: its result or its error).
+A body that one end cannot read (a class that only the other end's version of the code has,
+during a rolling update) fails that call alone, as a failure of the replica, not a death:
+the lane stays open and its other calls go on. A call runs through the same
+``EngineReplica.infer`` as Serve's calls (per-model limits, the attempt's deadline,
+cancellation stops the run); past ``limit`` calls in flight the replica refuses at once
+(``Full``), as Serve sheds past ``max_ongoing_requests``.
 
 The Router (``Lanes``) keeps one connection per replica, opened in the background as
 replicas appear. A connection that closes with calls in flight ends them at once with
@@ -44,7 +48,7 @@ from .routing import by_own_load, eligible
 
 log = logging.getLogger("trtserve.lane")
 
-_LENGTH = struct.Struct("!Q")
+_LENGTHS = struct.Struct("!QQ")  # of a frame's head and body
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Seconds between tries to reach a replica whose lane did not answer (a replica of a
 # version without one, or one still starting).
@@ -73,14 +77,18 @@ class LaneClosed(Exception):
     """The connection to the replica closed with the call in flight."""
 
 
-def _frame(message: Any) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(body)) + body
+def _frame(head: tuple[Any, ...], body: Any) -> bytes:
+    head_bytes = pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL)
+    body_bytes = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTHS.pack(len(head_bytes), len(body_bytes)) + head_bytes + body_bytes
 
 
-async def _read(reader: asyncio.StreamReader) -> Any:
-    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-    return pickle.loads(await reader.readexactly(length))
+async def _read(reader: asyncio.StreamReader) -> tuple[tuple[Any, ...], bytes]:
+    """The head, read; the body still a pickle, for the caller to read where it can fail
+    alone."""
+    head_length, body_length = _LENGTHS.unpack(await reader.readexactly(_LENGTHS.size))
+    head = pickle.loads(await reader.readexactly(head_length))
+    return head, await reader.readexactly(body_length)
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -132,13 +140,20 @@ class LaneServer:
         calls: dict[int, asyncio.Task[None]] = {}
         try:
             while True:
-                message = await _read(reader)
-                if message[0] == "cancel":
-                    task = calls.get(message[1])
+                (kind, call_id), body = await _read(reader)
+                if kind == "cancel":
+                    task = calls.get(call_id)
                     if task is not None:
                         task.cancel()
                     continue
-                _, call_id, args, kwargs = message
+                try:
+                    args, kwargs = pickle.loads(body)
+                except Exception as exc:
+                    self.calls += 1
+                    writer.write(_frame((call_id, False, self.ongoing), RuntimeError(
+                        f"replica {self.replica_id} cannot read this call: "
+                        f"{type(exc).__name__}: {exc}")))
+                    continue
                 task = asyncio.ensure_future(self._call(writer, call_id, args, kwargs))
                 calls[call_id] = task
                 task.add_done_callback(lambda _, c=call_id: calls.pop(c, None))
@@ -155,30 +170,31 @@ class LaneServer:
         kwargs: dict[str, Any],
     ) -> None:
         self.calls += 1
+        ok, value = False, None
         if self.closing:
             # Serve is stopping this replica (it no longer routes to it): the Router tries
             # another, and blames this one for nothing worse than being unavailable.
-            answer: tuple[Any, ...] = (call_id, False, ReplicaFailure(
-                f"replica {self.replica_id} is stopping", replica_id=self.replica_id))
+            value = ReplicaFailure(f"replica {self.replica_id} is stopping",
+                                   replica_id=self.replica_id)
         elif self.ongoing >= self.limit:
-            answer = (call_id, False, Full(f"{self.ongoing} calls in flight"))
+            value = Full(f"{self.ongoing} calls in flight")
         else:
             self.ongoing += 1
             try:
-                answer = (call_id, True, await self.infer(*args, **kwargs))
+                ok, value = True, await self.infer(*args, **kwargs)
             except asyncio.CancelledError:
                 return  # the Router cancelled it and waits for no answer
             except Exception as exc:
-                answer = (call_id, False, _picklable(exc))
+                value = _picklable(exc)
             finally:
                 self.ongoing -= 1
         if writer.is_closing():
             return
         try:
-            frame = _frame((*answer, self.ongoing))
+            frame = _frame((call_id, ok, self.ongoing), value)
         except Exception as exc:  # an answer that cannot travel must still end the call
-            frame = _frame((call_id, False, RuntimeError(f"unpicklable answer: {exc}"),
-                            self.ongoing))
+            frame = _frame((call_id, False, self.ongoing),
+                           RuntimeError(f"unpicklable answer: {exc}"))
         writer.write(frame)
 
     def close(self) -> None:
@@ -255,8 +271,14 @@ class Lane:
     async def _answers(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                call_id, ok, value, ongoing = await _read(reader)
+                (call_id, ok, ongoing), body = await _read(reader)
                 self.ongoing = ongoing
+                try:
+                    value = pickle.loads(body)
+                except Exception as exc:
+                    ok, value = False, RuntimeError(
+                        f"an answer from replica {self.replica_id} that cannot be read "
+                        f"here: {type(exc).__name__}: {exc}")
                 self._full_until = (asyncio.get_running_loop().time() + FULL_FOR_S
                                     if isinstance(value, Full) else 0.0)
                 future = self._pending.pop(call_id, None)
@@ -277,7 +299,7 @@ class Lane:
     def call(self, *args: Any, **kwargs: Any) -> LaneCall:
         assert self._writer is not None
         call_id = next(self._ids)
-        frame = _frame(("call", call_id, args, kwargs))  # before anything waits on it
+        frame = _frame(("call", call_id), (args, kwargs))  # before anything waits on it
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         self._writer.write(frame)
@@ -290,7 +312,7 @@ class Lane:
         future.cancel()
         if self.open:
             assert self._writer is not None
-            self._writer.write(_frame(("cancel", call_id)))
+            self._writer.write(_frame(("cancel", call_id), None))
 
     def close(self, why: Exception | None = None) -> None:
         pending, self._pending = self._pending, {}

@@ -48,6 +48,8 @@ class Replica:
             raise ContextFailure("bad context", replica_id="r")
         if model == "unpicklable":
             return {"y": lambda: None}, []
+        if model == "unreadable":
+            return {"y": Unreadable()}, []
         if model == "holds":
             self.started.set()
             try:
@@ -56,6 +58,18 @@ class Replica:
                 self.cancelled += 1
                 raise
         return {"y": inputs["x"] * 2}, [{"kwargs": kwargs}]
+
+
+def _refuse_to_load() -> None:
+    raise ImportError("no module named 'trtserve_next'")
+
+
+class Unreadable:
+    """Pickles, but cannot be read back: what one end sees of a class that only the other
+    end's version of the code has (a rolling update)."""
+
+    def __reduce__(self) -> tuple[Callable[[], None], tuple[()]]:
+        return _refuse_to_load, ()
 
 
 Scenario = Callable[[Replica, LaneServer, Lane], Awaitable[None]]
@@ -113,6 +127,31 @@ def test_an_answer_that_cannot_be_sent_still_ends_the_call() -> None:
         with pytest.raises(RuntimeError, match="unpicklable answer"):
             await asyncio.wait_for(one.call("unpicklable", {"x": np.zeros(1)}), 5)
         assert server.ongoing == 0
+
+    _run(scenario)
+
+
+def test_an_answer_this_end_cannot_read_fails_that_call_alone_and_the_lane_stays_open() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        held = one.call("holds", {"x": np.zeros(1)})
+        await replica.started.wait()
+        with pytest.raises(RuntimeError, match="cannot be read here.*trtserve_next"):
+            await asyncio.wait_for(one.call("unreadable", {"x": np.zeros(1)}), 5)
+        assert one.open
+        replica.release.set()
+        outputs, _ = await asyncio.wait_for(held, 5)
+        np.testing.assert_array_equal(outputs["y"], np.zeros(1))
+
+    _run(scenario)
+
+
+def test_a_call_the_replica_cannot_read_fails_alone_and_the_lane_stays_open() -> None:
+    async def scenario(replica: Replica, server: LaneServer, one: Lane) -> None:
+        with pytest.raises(RuntimeError, match="cannot read this call.*trtserve_next"):
+            await asyncio.wait_for(one.call("m", {"x": Unreadable()}), 5)
+        assert one.open
+        outputs, _ = await asyncio.wait_for(one.call("m", {"x": np.ones(2)}), 5)
+        np.testing.assert_array_equal(outputs["y"], np.full(2, 2.0))
 
     _run(scenario)
 
