@@ -35,7 +35,7 @@ from .protocol import (
     parse_header_length,
     to_numpy_dtype,
 )
-from .ray_config import SYSTEM_CONFIG
+from .ray_config import system_config
 
 # router.py's header names, repeated here: importing router.py would import Ray into `infer`.
 
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # A new head node: other processes join it with ray.init(address="auto").
         ingress = args.ingress or DEFAULT_INGRESS
         with ingress_env(ingress):
-            ray.init(address="local", _system_config=SYSTEM_CONFIG,
+            ray.init(address="local", _system_config=system_config(),
                      logging_level=logging.WARNING)
         started_ray = True
         print(f"trtserve: started a Ray cluster with the {ingress} ingress (join it with "

@@ -19,20 +19,20 @@ import ray
 from ray import serve
 
 from .ingress import Ingress, ingress_env
-from .ray_config import SYSTEM_CONFIG
+from .ray_config import system_config
 
 START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 def start_private_ray(ingress: Ingress, start: Callable[..., Any] = ray.init,
                       **init: Any) -> None:
-    """``start(address="local", _system_config=SYSTEM_CONFIG, **init)`` inside the ingress's
+    """``start(address="local", _system_config=system_config(), **init)`` inside the ingress's
     environment, once more after a start-up timeout. ``start`` is Ray's ``ray.init``; the
     parameter lets the retry rule be checked without a slow machine."""
     for attempt in (1, 2):
         try:
             with ingress_env(ingress, private=True):
-                start(address="local", _system_config=SYSTEM_CONFIG, **init)
+                start(address="local", _system_config=system_config(), **init)
             return
         except Exception as exc:
             if attempt == 2 or not any(text in str(exc) for text in START_TIMEOUTS):

@@ -19,7 +19,13 @@ processes but not a driver that joins later.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Final
 
 INLINE_ARGUMENT_BYTES: Final = 1 << 20
-SYSTEM_CONFIG: Final[dict[str, int]] = {"max_direct_call_object_size": INLINE_ARGUMENT_BYTES}
+SYSTEM_CONFIG: Final = MappingProxyType({"max_direct_call_object_size": INLINE_ARGUMENT_BYTES})
+
+
+def system_config() -> dict[str, int]:
+    """A fresh copy for ``ray.init``, which adds its own settings to the dict it is given."""
+    return dict(SYSTEM_CONFIG)

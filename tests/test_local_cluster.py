@@ -4,6 +4,7 @@ other failure is not."""
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -20,16 +21,18 @@ GCS_TIMEOUT = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_abc
 
 
 class Starts:
-    """Stands in for ``ray.init`` only to count starts and see the environment of each; the
-    real start is what every integration test runs."""
+    """Stands in for ``ray.init`` only to count starts and see the environment of each (and,
+    as Ray does, adds its own settings to the system config it is given); the real start is
+    what every integration test runs."""
 
     def __init__(self, *failures: str) -> None:
         self.failures = list(failures)
         self.seen: list[dict[str, Any]] = []
 
     def __call__(self, **init: Any) -> None:
-        self.seen.append({"init": init, "haproxy": os.environ.get(HA_PROXY_ENV),
+        self.seen.append({"init": copy.deepcopy(init), "haproxy": os.environ.get(HA_PROXY_ENV),
                           "drain": os.environ.get(DRAIN_ENV)})
+        init["_system_config"]["automatic_object_spilling_enabled"] = True
         if self.failures:
             raise RuntimeError(self.failures.pop(0))
 
@@ -43,6 +46,7 @@ def test_a_start_up_timeout_is_tried_once_more_in_the_ingress_environment(
     start_private_ray("haproxy", starts, num_cpus=4)
     assert [s["haproxy"] for s in starts.seen] == ["1", "1"]
     assert [s["drain"] for s in starts.seen] == ["1.0", "1.0"]
+    # Each start gets trtserve's settings alone, whatever Ray added to the one before.
     assert starts.seen[1]["init"] == {"address": "local", "_system_config": SYSTEM_CONFIG,
                                       "num_cpus": 4}
     assert HA_PROXY_ENV not in os.environ  # restored: a later cluster chooses again
