@@ -329,10 +329,11 @@ class EngineReplica:
         self.metrics = ReplicaMetrics(self.core.runners, device_report())
         self.inbox = Inbox()
         # Routers on this node call infer through it, past Serve and Ray (lane.py), with
-        # the same limit on calls in flight as Serve's.
+        # the same limit on calls in flight as Serve's, as it is now: a change to it reaches
+        # this replica in place (Serve sets a new replica context).
         self.lane = LaneServer(
             self.replica_id, self.infer,
-            serve.get_replica_context()._deployment_config.max_ongoing_requests,
+            lambda: serve.get_replica_context()._deployment_config.max_ongoing_requests,
         ) if lane_available() else None
         # Last: a replica that fails to start leaves no lifeline file behind.
         self.lifeline = Lifeline(self.replica_id)
@@ -400,8 +401,10 @@ class EngineReplica:
     async def describe(
         self, exclude: list[str] | None = None, target: str | None = None
     ) -> dict[str, Any]:
-        lane_calls = self.lane.calls if self.lane is not None else None
-        return {**self.core.describe(), "lane_calls": lane_calls}
+        if self.lane is None:
+            return {**self.core.describe(), "lane_calls": None, "lane_limit": None}
+        return {**self.core.describe(), "lane_calls": self.lane.calls,
+                "lane_limit": self.lane.limit()}
 
     async def check_health(self) -> None:
         # Its own thread: a canary must not queue behind requests and miss Serve's timeout.

@@ -17,8 +17,9 @@ A body that one end cannot read (a class that only the other end's version of th
 during a rolling update) fails that call alone, as a failure of the replica, not a death:
 the lane stays open and its other calls go on. A call runs through the same
 ``EngineReplica.infer`` as Serve's calls (per-model limits, the attempt's deadline,
-cancellation stops the run); past ``limit`` calls in flight the replica refuses at once
-(``Full``), as Serve sheds past ``max_ongoing_requests``.
+cancellation stops the run); past ``limit()`` calls in flight the replica refuses at once
+(``Full``), as Serve sheds past ``max_ongoing_requests``, read at each call: Serve changes it
+without replacing the replica.
 
 The Router (``Lanes``) keeps one connection per replica, opened in the background as
 replicas appear. A connection that closes with calls in flight ends them at once with
@@ -70,7 +71,7 @@ def available() -> bool:
 
 
 class Full(Exception):
-    """The replica has ``limit`` lane calls in flight already."""
+    """The replica has ``limit()`` lane calls in flight already."""
 
 
 class LaneClosed(Exception):
@@ -105,7 +106,7 @@ class LaneServer:
     that runs ``infer``."""
 
     def __init__(
-        self, replica_id: str, infer: Callable[..., Awaitable[Any]], limit: int
+        self, replica_id: str, infer: Callable[..., Awaitable[Any]], limit: Callable[[], int]
     ) -> None:
         self.infer = infer
         self.limit = limit
@@ -176,7 +177,7 @@ class LaneServer:
             # another, and blames this one for nothing worse than being unavailable.
             value = ReplicaFailure(f"replica {self.replica_id} is stopping",
                                    replica_id=self.replica_id)
-        elif self.ongoing >= self.limit:
+        elif self.ongoing >= self.limit():
             value = Full(f"{self.ongoing} calls in flight")
         else:
             self.ongoing += 1

@@ -13,8 +13,10 @@ from typing import Any, TypeVar
 import numpy as np
 import ray
 from ray import serve
+from ray.serve._private.api import serve_start
 from ray.serve._private.constants import RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
 from ray.serve.handle import DeploymentHandle
+from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import APP_NAME, build_app
 from deployments.ingress import DEFAULT_INGRESS
@@ -53,10 +55,7 @@ def requests_seen() -> int:
     return sum(r["requests_seen"] for r in describe_all())
 
 
-def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:
-    """Replace the trtserve app with a fresh one (new replicas) built from ``args``."""
-    if APP_NAME in serve.status().applications:
-        serve.delete(APP_NAME)
+def _test_args(cache_dir: Path, **args: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "models": ["tiny"],
         "replicas": 2,
@@ -66,7 +65,23 @@ def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:
         "health_check_period_s": 1,
         "cache_dir": str(cache_dir),
     }
-    return serve.run(build_app({**base, **args}), name=APP_NAME, route_prefix="/")
+    return {**base, **args}
+
+
+def deploy(cache_dir: Path, **args: Any) -> DeploymentHandle:
+    """Replace the trtserve app with a fresh one (new replicas) built from ``args``."""
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    return serve.run(build_app(_test_args(cache_dir, **args)), name=APP_NAME, route_prefix="/")
+
+
+def deploy_config(cache_dir: Path, **application: Any) -> None:
+    """Apply a serve.yaml application (``import_path`` and ``args`` filled in) the way
+    ``serve deploy`` does, over whatever runs: Serve changes in place what it can."""
+    config = {"name": APP_NAME, "route_prefix": "/", "import_path": "deployments.app:build_app",
+              "args": _test_args(cache_dir), **application}
+    serve_start().deploy_apps(ServeDeploySchema.model_validate({"applications": [config]}))
+    assert wait_until(lambda: serve.status().applications[APP_NAME].status == "RUNNING", 120)
 
 
 def engine() -> DeploymentHandle:

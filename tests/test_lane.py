@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ray import serve
 
 from deployments import lane
+from deployments.app import APP_NAME
 from deployments.attempts import AttemptLoop
 from deployments.lane import Full, Lane, LaneClosed, Lanes, LaneServer
 from deployments.policy import Ejections, RequestRetries, RetryBudget, RetryPolicy
@@ -26,7 +28,15 @@ from deployments.routed import Routed
 from engines.errors import ContextFailure, PoisonInput, ReplicaFailure
 from engines.models import tiny_reference
 
-from .serving import deploy, describe_all, local_serve, varied_inputs
+from .serving import (
+    deploy,
+    deploy_config,
+    describe_all,
+    local_serve,
+    replica_ids,
+    varied_inputs,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(not lane.available(),
                                 reason="needs Linux: abstract Unix sockets and SO_PEERCRED")
@@ -82,7 +92,7 @@ def _run(scenario: Scenario) -> None:
     async def main() -> None:
         replica_id = f"test-{os.getpid()}-{next(_ids)}"
         replica = Replica()
-        server = LaneServer(replica_id, replica.infer, limit=2)
+        server = LaneServer(replica_id, replica.infer, limit=lambda: 2)
         lanes = Lanes()
         try:
             await _open(lanes, replica_id)
@@ -193,8 +203,8 @@ def test_after_full_a_replica_with_room_is_chosen_and_the_full_one_again_later(
     async def main() -> None:
         full_id, free_id = (f"test-{os.getpid()}-{next(_ids)}" for _ in range(2))
         full, free = Replica(), Replica()
-        servers = [LaneServer(full_id, full.infer, limit=1),
-                   LaneServer(free_id, free.infer, limit=1)]
+        servers = [LaneServer(full_id, full.infer, limit=lambda: 1),
+                   LaneServer(free_id, free.infer, limit=lambda: 1)]
         lanes = Lanes()
         both = frozenset({full_id, free_id})
         try:
@@ -265,7 +275,7 @@ def _serve_and_hold(replica_id: str, ready: Any) -> None:
 
     async def main() -> None:
         replica = Replica()
-        LaneServer(replica_id, replica.infer, limit=8)
+        LaneServer(replica_id, replica.infer, limit=lambda: 8)
         ready.set()
         await asyncio.Event().wait()
 
@@ -328,3 +338,17 @@ def test_a_router_sends_its_attempts_through_the_lanes_once_open(
         assert trail[-1]["outcome"] == "ok"
     # The first attempts go through Serve's handle while the lanes open.
     assert sum(r["lane_calls"] for r in describe_all()) >= 30
+
+
+def test_the_lanes_limit_follows_serves_when_it_changes_in_place(
+    port: int, cache_dir: Path
+) -> None:
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    deploy_config(cache_dir)
+    before = replica_ids()
+    assert {r["lane_limit"] for r in describe_all()} == {32}  # the shipped default
+    # serve.yaml's own override of a deployment option, which Serve applies in place.
+    deploy_config(cache_dir, deployments=[{"name": "EngineReplica", "max_ongoing_requests": 5}])
+    assert wait_until(lambda: {r["lane_limit"] for r in describe_all()} == {5}, 60)
+    assert replica_ids() == before
