@@ -52,17 +52,20 @@ log = logging.getLogger("trtserve.lane")
 _LENGTHS = struct.Struct("!QQ")  # of a frame's head and body
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 # Seconds between tries to reach a replica whose lane did not answer (a replica of a
-# version without one, or one still starting).
+# version without one or with another PROTOCOL, or one still starting).
 RETRY_CONNECT_S = 1.0
 # Seconds a Router leaves out a replica that answered Full while others have room: its
 # count of calls in flight is only as fresh as its last answer to this Router.
 FULL_FOR_S = 0.1
+# The frames' format. It is part of the socket's name, so that a Router and a replica that
+# speak different ones (a rolling update) find no lane to each other and use Serve's path.
+PROTOCOL = 2
 
 
 def address(replica_id: str) -> str:
     """The replica's abstract socket (Linux): the leading NUL keeps it out of any file
     system."""
-    return f"\0trtserve-lane-{replica_id}"
+    return f"\0trtserve-lane-{PROTOCOL}-{replica_id}"
 
 
 def available() -> bool:

@@ -309,6 +309,25 @@ def test_a_replica_that_dies_ends_its_calls_at_once() -> None:
         child.join(10)
 
 
+def test_no_lane_opens_to_a_replica_that_speaks_another_protocol(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        replica_id = f"test-{os.getpid()}-{next(_ids)}"
+        with monkeypatch.context() as older:
+            older.setattr(lane, "PROTOCOL", lane.PROTOCOL - 1)
+            server = LaneServer(replica_id, Replica().infer, limit=lambda: 2)
+        try:
+            lanes = Lanes()
+            assert not lanes.open_for(frozenset({replica_id}))
+            await asyncio.sleep(0.1)
+            assert not lanes.open_for(frozenset({replica_id}))
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
 def test_no_lane_is_open_to_a_replica_without_one() -> None:
     async def main() -> None:
         lanes = Lanes()
