@@ -98,9 +98,15 @@ def bind_engine(args: AppArgs) -> Application:
 # replica's own loop: HTTP binary +21% on the 2-core machine (docs/benchmarks.md). These
 # are two of the settings of Serve's throughput mode, without its gRPC, under which the
 # bench stalled; Serve reads them when the process starts, hence the runtime_env.
+#
+# A handle call made with Serve's `.options(_by_reference=False)` reaches the Router over
+# Serve's gRPC, whose server refuses a message over 4 MiB by default (seven `resnet50`
+# images are over it). By reference a call has no such limit; by value it gets gRPC's own.
+HANDLE_BY_VALUE_MAX_BYTES = 2**31 - 1
 ROUTER_PROCESS_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(HANDLE_BY_VALUE_MAX_BYTES),
 }
 
 

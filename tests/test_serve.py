@@ -204,3 +204,36 @@ def test_retry_and_faults_change_live_through_a_config_deploy(
     router = serve.get_app_handle("trtserve")
     _, trail = router.infer_with_trail.remote("tiny", X).result()
     assert [a["outcome"] for a in trail] == ["ContextFailure", "ok"]
+
+
+
+def _first_four(path: Path, row_values: int) -> Path:
+    """A model whose row of inputs is large and whose answer is four numbers."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    bounds = [numpy_helper.from_array(np.array([v], np.int64), name)
+              for name, v in (("starts", 0), ("ends", 4), ("axes", 1))]
+    graph = helper.make_graph(
+        [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["head"])], "first_four",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", row_values])],
+        [helper.make_tensor_value_info("head", TensorProto.FLOAT, ["N", 4])], bounds)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    save(model, path)
+    return path
+
+
+def test_a_handle_call_by_value_takes_what_one_by_reference_does(
+    http_port: int, cache_dir: Path, tmp_path: Path
+) -> None:
+    # Serve's gRPC transport (`_by_reference=False`) refuses a call over 4 MiB by default,
+    # where one by reference has no limit: the Router's gRPC server takes gRPC's own 2 GiB.
+    row = 1_200_000
+    model = _first_four(tmp_path / "first_four.onnx", row)
+    router = deploy(cache_dir, models=[str(model)]).options(_by_reference=False)
+    x = np.random.default_rng(0).standard_normal((1, row)).astype(np.float32)
+    assert x.nbytes > 4 * 1024 * 1024
+    outputs = router.infer.remote("first_four", {"x": x}).result()
+    np.testing.assert_array_equal(outputs["head"], x[:, :4])
+    with pytest.raises(InvalidInput, match="'x': expected dtype float32, got float64"):
+        router.infer.remote("first_four", {"x": x.astype(np.float64)}).result()
