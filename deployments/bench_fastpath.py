@@ -44,8 +44,8 @@ from .ingress import DEFAULT_INGRESS, Ingress
 from .loadgen import Kind, LoadGenerator, Measurement, Target
 from .local_cluster import private_serve
 
-MODES: dict[str, Kind] = {"handle": "handle", "http binary": "http_binary",
-                         "http json": "http_json"}
+MODES: dict[str, Kind] = {"handle": "handle", "handle by value": "handle_by_value",
+                         "http binary": "http_binary", "http json": "http_json"}
 PEER_MODE = "plain Serve, @serve.batch"
 PEER_APP = "fastpath-peer"
 Progress = Callable[[str], None]
@@ -150,7 +150,7 @@ class FastpathResult:
         """Where one request's time goes at one concurrency, batching off: p50 of each path,
         and the difference from the path one hop shorter, named as that hop's cost."""
         c = self.setup.breakdown_concurrency
-        needed = [(mode, "off", c) for mode in MODES]
+        needed = [(mode, "off", c) for mode in ("handle", "http binary", "http json")]
         if self.direct is None or any(key not in self.points for key in needed):
             return "not measured (it needs batching off and all three paths)"
         engine = self.ceiling.at_breakdown

@@ -422,8 +422,10 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
                    help=f"Serve's HTTP ingress (default: {DEFAULT_INGRESS}, as trtserve serve)")
     p.add_argument("--batching", nargs="+", choices=("off", "on"),
                    help="trtserve's batching settings to run (default: off on)")
-    p.add_argument("--modes", nargs="+", choices=("handle", "http binary", "http json"),
-                   help="trtserve's paths to drive (default: all three)")
+    p.add_argument("--modes", nargs="+",
+                   choices=("handle", "handle by value", "http binary", "http json"),
+                   help="trtserve's paths to drive (default: handle, http binary, http json; "
+                        "'handle by value': handle calls over Serve's gRPC)")
     p.add_argument("--no-peer", dest="peer", action="store_const", const=False,
                    help="leave out plain Serve with @serve.batch")
     p.add_argument("--generators", type=int, help="load generator processes (reduced: 2)")

@@ -36,11 +36,12 @@ from .protocol import TRAIL_HEADER, encode_infer_request
 
 # What a request is sent through:
 # - handle: serve.get_app_handle(app).infer.remote(model, inputs), the Router's handle method;
+# - handle_by_value: the same through .options(_by_reference=False), Serve's gRPC transport;
 # - trail: the same through infer_with_trail, which also returns the attempt trail;
 # - direct: serve.get_deployment_handle("EngineReplica", app).infer.remote(model, inputs);
 # - peer: serve.get_app_handle(app).infer.remote(inputs), a plain Serve app;
 # - http_json, http_binary: POST {url}/v2/models/{model}/infer.
-Kind = Literal["handle", "trail", "direct", "peer", "http_json", "http_binary"]
+Kind = Literal["handle", "handle_by_value", "trail", "direct", "peer", "http_json", "http_binary"]
 HTTP_KINDS: tuple[str, ...] = ("http_json", "http_binary")
 MAX_INPUT_BYTES = 256 * 1024 * 1024
 MAX_DISTINCT = 20_000
@@ -173,6 +174,14 @@ def _trail_info(trail: list[dict[str, Any]]) -> TrailInfo:
             float(last.get("router_ms", np.nan)))
 
 
+def app_handle(target: Target) -> Any:
+    """The handle a caller of ``target`` holds to its app's ingress."""
+    from ray import serve
+
+    app = serve.get_app_handle(target.app)
+    return app.options(_by_reference=False) if target.kind == "handle_by_value" else app
+
+
 def _sender(target: Target, session: Any) -> Send:
     """A coroutine function: one request -> its TrailInfo."""
     if target.kind in HTTP_KINDS:
@@ -197,7 +206,7 @@ def _sender(target: Target, session: Any) -> Send:
             return _trail_info(trail)
 
         return direct
-    app = serve.get_app_handle(target.app)
+    app = app_handle(target)
     if target.kind == "peer":
 
         async def peer(inputs: dict[str, np.ndarray]) -> TrailInfo:

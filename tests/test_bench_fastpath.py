@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from deployments.bench_fastpath import (
-    MODES,
     PEER_MODE,
     FastpathSetup,
     kill_replica,
@@ -36,7 +35,7 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     lines: list[str] = []
     result = run_fastpath(setup, progress=lines.append)
 
-    expected = {(m, b, c) for m in MODES for b in ("off", "on") for c in (1, 4)}
+    expected = {(m, b, c) for m in setup.modes for b in ("off", "on") for c in (1, 4)}
     expected |= {(PEER_MODE, "on", c) for c in (1, 4)}
     assert set(result.points) == expected
     for key, m in result.points.items():
@@ -73,11 +72,12 @@ def test_a_tiny_fastpath_run_has_every_row(cache_dir: Path) -> None:
     assert "nan" not in result.recovery_table()
     assert "nan" not in result.breakdown()
 
-    assert set(result.scaling) == {(m, c, n) for m in MODES for c in (1, 4) for n in (1, 2)}
+    assert set(result.scaling) == {(m, c, n) for m in setup.modes for c in (1, 4)
+                                   for n in (1, 2)}
     assert {n: len(devices) for n, devices in result.placements.items()} == {1: 1, 2: 2}
     scaling = result.scaling_table()
     assert "nan" not in scaling
-    for mode in MODES:  # the smallest count is its own baseline
+    for mode in setup.modes:  # the smallest count is its own baseline
         [row] = [line for line in scaling.splitlines() if line.startswith(f"| {mode} | 4 | 1 |")]
         assert "| 1.00 |" in row, row
 
