@@ -34,7 +34,7 @@ from engines.spec import example_inputs
 
 from .config import cache_path
 from .handoff import Inbox, SharedInputs
-from .lane import LaneServer
+from .lane import Full, LaneServer
 from .lane import available as lane_available
 from .lifeline import Lifeline
 from .metrics import ReplicaMetrics
@@ -328,12 +328,11 @@ class EngineReplica:
         self._exiting = False
         self.metrics = ReplicaMetrics(self.core.runners, device_report())
         self.inbox = Inbox()
-        # Routers on this node call infer through it, past Serve and Ray (lane.py), with
-        # the same limit on calls in flight as Serve's, as it is now: a change to it reaches
-        # this replica in place (Serve sets a new replica context).
+        # Routers on this node call _infer through it, past Serve and Ray (lane.py), within
+        # the same limit on calls in flight as Serve's, shared with Serve's calls.
+        self.serve_calls = 0  # infer calls from Serve in flight
         self.lane = LaneServer(
-            self.replica_id, self.infer,
-            lambda: serve.get_replica_context()._deployment_config.max_ongoing_requests,
+            self.replica_id, self._infer, self._limit, others=lambda: self.serve_calls,
         ) if lane_available() else None
         # Last: a replica that fails to start leaves no lifeline file behind.
         self.lifeline = Lifeline(self.replica_id)
@@ -351,6 +350,12 @@ class EngineReplica:
                   self.exit_after_s)
         asyncio.get_running_loop().call_later(self.exit_after_s, os._exit, 1)
 
+    @staticmethod
+    def _limit() -> int:
+        """Serve's max_ongoing_requests as it is now: a change to it reaches this replica in
+        place (Serve sets a new replica context)."""
+        return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
+
     async def infer(
         self,
         model: str,
@@ -361,6 +366,25 @@ class EngineReplica:
         target: str | None = None,
         ejected: list[str] | None = None,
         attempt_id: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+        """Serve's calls (the routing arguments are its request router's). Serve admits up
+        to its limit of its own calls; where lane calls hold part of it, the rest is
+        refused here, as the lane refuses past it."""
+        if self.lane is not None and self.serve_calls + self.lane.ongoing >= self._limit():
+            raise Full(f"{self.lane.ongoing} lane calls and {self.serve_calls} of Serve's "
+                       f"in flight")
+        self.serve_calls += 1
+        try:
+            return await self._infer(model, inputs, local_retries, deadline_s)
+        finally:
+            self.serve_calls -= 1
+
+    async def _infer(
+        self,
+        model: str,
+        inputs: dict[str, np.ndarray] | SharedInputs,
+        local_retries: int = RetryPolicy.local_retries,
+        deadline_s: float = RetryPolicy.attempt_timeout_s,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + deadline_s

@@ -12,14 +12,16 @@ nothing in a file system, gone with the process. It serves processes of its own 
 (``SO_PEERCRED``). A frame is a head and a body: their two lengths, then their pickles. The Router
 sends a call (head: its id; body: the model, the inputs, the keyword arguments of
 ``EngineReplica.infer``) or a cancel (the id); the replica answers each call (head: its id,
-whether it succeeded, how many lane calls it has in flight; body: its result or its error).
+whether it succeeded, how many calls it has in flight; body: its result or its error).
 A body that one end cannot read (a class that only the other end's version of the code has,
 during a rolling update) fails that call alone, as a failure of the replica, not a death:
 the lane stays open and its other calls go on. A call runs through the same
 ``EngineReplica.infer`` as Serve's calls (per-model limits, the attempt's deadline,
-cancellation stops the run); past ``limit()`` calls in flight the replica refuses at once
+cancellation stops the run). One limit holds for both kinds of call: past ``limit()`` calls
+in flight, the lane's and ``others()`` (Serve's) together, the replica refuses at once
 (``Full``), as Serve sheds past ``max_ongoing_requests``, read at each call: Serve changes it
-without replacing the replica.
+without replacing the replica. Serve counts only its own calls, so the replica refuses those
+too when lane calls hold the rest of the limit (``EngineReplica.infer``).
 
 The Router (``Lanes``) keeps one connection per replica, opened in the background as
 replicas appear. A connection that closes with calls in flight ends them at once with
@@ -105,15 +107,18 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 class LaneServer:
-    """The replica's end. ``infer`` is ``EngineReplica.infer``; create it on the event loop
+    """The replica's end. ``infer`` is ``EngineReplica.infer``; ``others`` counts the
+    replica's calls in flight that came another way (Serve's). Create it on the event loop
     that runs ``infer``."""
 
     def __init__(
-        self, replica_id: str, infer: Callable[..., Awaitable[Any]], limit: Callable[[], int]
+        self, replica_id: str, infer: Callable[..., Awaitable[Any]], limit: Callable[[], int],
+        others: Callable[[], int],
     ) -> None:
         self.infer = infer
         self.limit = limit
-        self.ongoing = 0
+        self.others = others
+        self.ongoing = 0  # lane calls in flight
         self.calls = 0  # answered or refused, since the start (describe)
         self.replica_id = replica_id
         self.closing = False
@@ -124,6 +129,10 @@ class LaneServer:
         self._sock.setblocking(False)
         self._server: asyncio.Server | None = None
         self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def load(self) -> int:
+        """Every call in flight on the replica, the lane's and Serve's."""
+        return self.ongoing + self.others()
 
     async def _serve(self) -> None:
         self._server = await asyncio.start_unix_server(self._connection, sock=self._sock)
@@ -154,7 +163,7 @@ class LaneServer:
                     args, kwargs = pickle.loads(body)
                 except Exception as exc:
                     self.calls += 1
-                    writer.write(_frame((call_id, False, self.ongoing), RuntimeError(
+                    writer.write(_frame((call_id, False, self.load()), RuntimeError(
                         f"replica {self.replica_id} cannot read this call: "
                         f"{type(exc).__name__}: {exc}")))
                     continue
@@ -180,8 +189,8 @@ class LaneServer:
             # another, and blames this one for nothing worse than being unavailable.
             value = ReplicaFailure(f"replica {self.replica_id} is stopping",
                                    replica_id=self.replica_id)
-        elif self.ongoing >= self.limit():
-            value = Full(f"{self.ongoing} calls in flight")
+        elif self.load() >= self.limit():
+            value = Full(f"{self.load()} calls in flight")
         else:
             self.ongoing += 1
             try:
@@ -195,9 +204,9 @@ class LaneServer:
         if writer.is_closing():
             return
         try:
-            frame = _frame((call_id, ok, self.ongoing), value)
+            frame = _frame((call_id, ok, self.load()), value)
         except Exception as exc:  # an answer that cannot travel must still end the call
-            frame = _frame((call_id, False, self.ongoing),
+            frame = _frame((call_id, False, self.load()),
                            RuntimeError(f"unpicklable answer: {exc}"))
         writer.write(frame)
 
@@ -236,7 +245,7 @@ class Lane:
 
     def __init__(self, replica_id: str) -> None:
         self.replica_id = replica_id
-        self.ongoing = 0  # the replica's lane calls in flight, as of its last answer
+        self.ongoing = 0  # the replica's calls in flight, as of its last answer
         self._full_until = 0.0
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}

@@ -32,6 +32,8 @@ from .serving import (
     deploy,
     deploy_config,
     describe_all,
+    engine,
+    inject,
     local_serve,
     replica_ids,
     varied_inputs,
@@ -92,7 +94,7 @@ def _run(scenario: Scenario) -> None:
     async def main() -> None:
         replica_id = f"test-{os.getpid()}-{next(_ids)}"
         replica = Replica()
-        server = LaneServer(replica_id, replica.infer, limit=lambda: 2)
+        server = LaneServer(replica_id, replica.infer, limit=lambda: 2, others=lambda: 0)
         lanes = Lanes()
         try:
             await _open(lanes, replica_id)
@@ -198,13 +200,40 @@ def test_past_its_limit_the_replica_refuses_at_once() -> None:
     _run(scenario)
 
 
+def test_serves_calls_in_flight_count_against_the_lanes_limit() -> None:
+    async def main() -> None:
+        replica_id = f"test-{os.getpid()}-{next(_ids)}"
+        replica = Replica()
+        serve_calls = [1]
+        server = LaneServer(replica_id, replica.infer, limit=lambda: 2,
+                            others=lambda: serve_calls[0])
+        lanes = Lanes()
+        try:
+            await _open(lanes, replica_id)
+            one = lanes.lane(replica_id)
+            held = one.call("holds", {"x": np.zeros(1)})
+            await asyncio.wait_for(replica.started.wait(), 5)
+            with pytest.raises(Full):  # one lane call and one of Serve's: the limit of 2
+                await asyncio.wait_for(one.call("m", {"x": np.zeros(1)}), 5)
+            assert one.ongoing == 2  # the replica's whole load, as the Router ranks it
+            serve_calls[0] = 0
+            outputs, _ = await asyncio.wait_for(one.call("m", {"x": np.ones(1)}), 5)
+            np.testing.assert_array_equal(outputs["y"], np.full(1, 2.0))
+            replica.release.set()
+            await asyncio.wait_for(held, 5)
+        finally:
+            server.close()
+
+    asyncio.run(main())
+
+
 def test_after_full_a_replica_with_room_is_chosen_and_the_full_one_again_later(
 ) -> None:
     async def main() -> None:
         full_id, free_id = (f"test-{os.getpid()}-{next(_ids)}" for _ in range(2))
         full, free = Replica(), Replica()
-        servers = [LaneServer(full_id, full.infer, limit=lambda: 1),
-                   LaneServer(free_id, free.infer, limit=lambda: 1)]
+        servers = [LaneServer(full_id, full.infer, limit=lambda: 1, others=lambda: 0),
+                   LaneServer(free_id, free.infer, limit=lambda: 1, others=lambda: 0)]
         lanes = Lanes()
         both = frozenset({full_id, free_id})
         try:
@@ -275,7 +304,7 @@ def _serve_and_hold(replica_id: str, ready: Any) -> None:
 
     async def main() -> None:
         replica = Replica()
-        LaneServer(replica_id, replica.infer, limit=lambda: 8)
+        LaneServer(replica_id, replica.infer, limit=lambda: 8, others=lambda: 0)
         ready.set()
         await asyncio.Event().wait()
 
@@ -316,7 +345,7 @@ def test_no_lane_opens_to_a_replica_that_speaks_another_protocol(
         replica_id = f"test-{os.getpid()}-{next(_ids)}"
         with monkeypatch.context() as older:
             older.setattr(lane, "PROTOCOL", lane.PROTOCOL - 1)
-            server = LaneServer(replica_id, Replica().infer, limit=lambda: 2)
+            server = LaneServer(replica_id, Replica().infer, limit=lambda: 2, others=lambda: 0)
         try:
             lanes = Lanes()
             assert not lanes.open_for(frozenset({replica_id}))
@@ -371,3 +400,37 @@ def test_the_lanes_limit_follows_serves_when_it_changes_in_place(
     deploy_config(cache_dir, deployments=[{"name": "EngineReplica", "max_ongoing_requests": 5}])
     assert wait_until(lambda: {r["lane_limit"] for r in describe_all()} == {5}, 60)
     assert replica_ids() == before
+
+
+def test_serve_refuses_its_calls_where_lane_calls_hold_the_limit(
+    port: int, cache_dir: Path
+) -> None:
+    # Serve counts only its own calls against max_ongoing_requests: without the replica's
+    # own check, lane calls and Serve's together took up to twice the limit.
+    deploy(cache_dir, replicas=1, engine_max_ongoing_requests=2)
+    [replica] = replica_ids()
+    inject({"kind": "hang", "count": 2, "seconds": 5}, target=replica)
+    x = {"x": np.ones((1, 16), np.float32)}
+
+    async def main() -> None:
+        lanes = Lanes()
+        await _open(lanes, replica)
+        held = [lanes.lane(replica).call("tiny", x, deadline_s=30) for _ in range(2)]
+        for _ in range(200):  # until both run (each holds the hang)
+            [report] = await engine().broadcast("describe").results_async()
+            if report["lane_calls"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the lane calls never reached the replica")
+        with pytest.raises(Full, match="2 lane calls and 0 of Serve's in flight"):
+            await engine().infer.remote("tiny", x)
+        for call in held:
+            outputs, _ = await asyncio.wait_for(call, 30)
+            np.testing.assert_allclose(outputs["probs"], tiny_reference(x["x"])["probs"],
+                                       rtol=1e-5, atol=1e-6)
+        outputs, _ = await engine().infer.remote("tiny", x)  # room again
+        np.testing.assert_allclose(outputs["probs"], tiny_reference(x["x"])["probs"],
+                                   rtol=1e-5, atol=1e-6)
+
+    asyncio.run(main())
