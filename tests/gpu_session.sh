@@ -12,8 +12,9 @@
 #                                       and from 8 generator processes (is the generator the
 #                                       limit?), and with 8 Routers
 #   bash tests/gpu_session.sh profile   where the CPU goes at saturation: per-process and
-#                                       per-thread CPU (top) and py-spy's stacks of a Router
-#                                       and an EngineReplica under 256 handle callers
+#                                       per-thread CPU (top) and py-spy's stacks of a Router,
+#                                       an EngineReplica and a load generator under 256
+#                                       handle callers
 #   bash tests/gpu_session.sh layouts   handle calls at 256 callers: 2 replicas sharing the GPU
 #                                       against 1 replica holding it, fewer Routers, and a
 #                                       queue delay that lets batches fill
@@ -55,6 +56,11 @@
 #                                       last commit, carried) against this one, alternating:
 #                                       HTTP binary and handle calls at 64 and 256 callers
 #                                       (AB_CONCURRENCY="256": at 256 only)
+#   bash tests/gpu_session.sh byvalue [rounds]
+#                                       handle calls by reference (Serve's default) against
+#                                       by value (Serve's gRPC, `_by_reference=False`) at 64
+#                                       and 256 callers, in one run each round, the order
+#                                       alternating
 #   bash tests/gpu_session.sh variants ROUNDS VARIANT...
 #                                       HTTP binary and handle calls at 64 and 256 callers, one
 #                                       run per variant per round, alternating; a variant is
@@ -113,16 +119,27 @@ layouts)
     echo "variant '$variant' rc=$?" | tee -a "$OUT/layouts.txt"
   done
   ;;
+byvalue)
+  for round in $(seq "${2:-2}"); do
+    if [ $((round % 2)) = 1 ]; then order=(handle "handle by value"); else order=("handle by value" handle); fi
+    echo "== round $round: ${order[*]} $(date +%T)" | tee -a "$OUT/byvalue.txt"
+    timeout -k 10 200 $BENCH --concurrency 64 256 --seconds 8 --warmup-s 3 --batching on \
+      --modes "${order[@]}" --no-peer --recovery-faults --ceiling-batch-sizes 32 \
+      --ceiling-threads 4 --ceiling-seconds 1 --generators 4 2>&1 \
+      | grep -E "trtserve|ceiling:|Error" | tee -a "$OUT/byvalue.txt"
+  done
+  ;;
 profile)
   timeout -k 10 200 $BENCH --concurrency 256 --seconds 60 --warmup-s 5 --batching on \
     --modes handle --no-peer --recovery-faults --ceiling-batch-sizes 32 --ceiling-threads 4 \
-    --ceiling-seconds 1 > "$OUT/profile-bench.txt" 2>&1 &
+    --ceiling-seconds 1 --generators 4 > "$OUT/profile-bench.txt" 2>&1 &
   bench=$!
   for _ in $(seq 120); do grep -q "deploying" "$OUT/profile-bench.txt" && break; sleep 1; done
   sleep 40  # the deploy (about 25 s here) and the warm-up: the load point is running
   top -b -n 2 -d 8 -w 400 -c > "$OUT/top.txt"
-  for role in EngineReplica Router; do
-    pid=$(pgrep -f "ServeReplica:trtserve:$role" | head -1)
+  for role in EngineReplica Router generator; do
+    if [ "$role" = generator ]; then pid=$(pgrep -f "multiprocessing.spawn" | head -1)
+    else pid=$(pgrep -f "ServeReplica:trtserve:$role" | head -1); fi
     top -b -n 2 -d 3 -H -w 400 -p "$pid" > "$OUT/threads-$role.txt"
     timeout 30 py-spy record -p "$pid" -d 10 -r 100 -f raw --nonblocking -o "$OUT/$role.txt" \
       > "$OUT/py-spy-$role.log" 2>&1 || echo "py-spy on $role failed: $(tail -1 "$OUT/py-spy-$role.log")"
