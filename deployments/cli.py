@@ -35,7 +35,7 @@ from .protocol import (
     parse_header_length,
     to_numpy_dtype,
 )
-from .ray_config import system_config
+from .ray_config import join_or_start, system_config
 
 # router.py's header names, repeated here: importing router.py would import Ray into `infer`.
 
@@ -315,12 +315,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    import ray
-
     from .bench_serve import BenchSetup, run
 
-    # Joins the cluster named by RAY_ADDRESS if set, else starts a private one.
-    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    join_or_start(logging_level=logging.WARNING, include_dashboard=False)
     print(f"benchmarking router paths: {args.requests} requests per path and caller count, "
           f"{args.rounds} interleaved rounds")
     setup = BenchSetup(args.model, args.backend, args.replicas, args.gpus_per_replica,
@@ -453,8 +450,6 @@ def _add_bench_fastpath(kinds: argparse._SubParsersAction) -> None:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    import ray
-
     from .chaos import FAULTS, plot, run
 
     unknown = sorted(set(args.faults) - set(FAULTS))
@@ -462,7 +457,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         print(f"trtserve: unknown fault kind(s) {unknown}; choose from {sorted(FAULTS)}",
               file=sys.stderr)
         return 2
-    ray.init(logging_level=logging.WARNING, include_dashboard=False)
+    join_or_start(logging_level=logging.WARNING, include_dashboard=False)
     print(f"chaos: {args.model}, {args.seconds:g} s, {args.callers} callers per path, a fault "
           f"every {args.every:g} s from {args.faults}")
     result = run(str(args.cache_dir), args.replicas, args.seconds, args.callers, args.every,

@@ -20,7 +20,7 @@ processes but not a driver that joins later.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 INLINE_ARGUMENT_BYTES: Final = 1 << 20
 SYSTEM_CONFIG: Final = MappingProxyType({"max_direct_call_object_size": INLINE_ARGUMENT_BYTES})
@@ -29,3 +29,17 @@ SYSTEM_CONFIG: Final = MappingProxyType({"max_direct_call_object_size": INLINE_A
 def system_config() -> dict[str, int]:
     """A fresh copy for ``ray.init``, which adds its own settings to the dict it is given."""
     return dict(SYSTEM_CONFIG)
+
+
+def join_or_start(**init: Any) -> None:
+    """``ray.init(**init)``: it joins the cluster RAY_ADDRESS names, or the last one ``ray
+    start`` started on this machine. Where it would start one of its own instead, that one
+    gets trtserve's config, so that a tool's own cluster (``trtserve chaos``, ``trtserve bench
+    serve``) sends arguments the way a served one does."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if canonicalize_bootstrap_address(None) is None:  # Ray's own rule for ray.init()
+        ray.init(address="local", _system_config=system_config(), **init)
+    else:
+        ray.init(**init)

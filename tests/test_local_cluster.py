@@ -1,10 +1,12 @@
 """The private cluster's start: the ingress is in the environment while Ray starts and gone
 after, trtserve's Ray settings reach its processes; a start-up timeout is tried once more, any
-other failure is not."""
+other failure is not. A tool that joins a cluster or starts its own (``join_or_start``) gives
+the one it starts the same settings."""
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 from typing import Any
 
@@ -12,7 +14,7 @@ import pytest
 
 from deployments.ingress import DRAIN_ENV, HA_PROXY_ENV
 from deployments.local_cluster import start_private_ray
-from deployments.ray_config import INLINE_ARGUMENT_BYTES, SYSTEM_CONFIG
+from deployments.ray_config import INLINE_ARGUMENT_BYTES, SYSTEM_CONFIG, join_or_start
 from tests.serving import local_serve, sent_through_object_store
 
 # Ray's own words for the two start-up timeouts seen on the 2-core machine.
@@ -73,3 +75,43 @@ def test_one_image_travels_inside_the_call_and_a_larger_argument_through_the_sto
         # The limit counts the pickled argument, a few hundred bytes more than its data.
         assert not sent_through_object_store(INLINE_ARGUMENT_BYTES - 1024)
         assert sent_through_object_store(INLINE_ARGUMENT_BYTES + 1024)
+
+
+def _join_or_start(address: str | None, answer: Any) -> None:
+    """In a process of its own: the cluster ``join_or_start`` reached, and whether one image
+    went through its object store."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    if address is not None:
+        os.environ["RAY_ADDRESS"] = address
+    join_or_start(include_dashboard=False)
+    try:
+        answer.put((ray.get_runtime_context().gcs_address,
+                    sent_through_object_store(3 * 224 * 224 * 4)))
+    finally:
+        ray.shutdown()
+
+
+def _in_a_process(address: str | None) -> tuple[str, bool]:
+    spawn = multiprocessing.get_context("spawn")
+    answer = spawn.Queue()
+    child = spawn.Process(target=_join_or_start, args=(address, answer))
+    child.start()
+    try:
+        return answer.get(timeout=120)
+    finally:
+        child.join(60)
+
+
+@pytest.mark.integration
+def test_a_tool_starts_its_own_cluster_with_trtserves_settings_or_joins_the_one_named() -> None:
+    import ray
+
+    assert not ray.is_initialized(), "another test left Ray running in this process"
+    # No cluster named: the tool's own (trtserve chaos was started so, with Ray's defaults).
+    _, through_store = _in_a_process(None)
+    assert not through_store
+    with local_serve():
+        ours = ray.get_runtime_context().gcs_address
+        assert _in_a_process(ours) == (ours, False)
