@@ -16,7 +16,7 @@ whether it succeeded, how many calls it has in flight; body: its result or its e
 A body that one end cannot read (a class that only the other end's version of the code has,
 during a rolling update) fails that call alone, as a failure of the replica, not a death:
 the lane stays open and its other calls go on. A call runs through the same
-``EngineReplica.infer`` as Serve's calls (per-model limits, the attempt's deadline,
+``EngineReplica._infer`` as Serve's calls (per-model limits, the attempt's deadline,
 cancellation stops the run). One limit holds for both kinds of call: past ``limit()`` calls
 in flight, the lane's and ``others()`` (Serve's) together, the replica refuses at once
 (``Full``), as Serve sheds past ``max_ongoing_requests``, read at each call: Serve changes it
@@ -107,7 +107,7 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 class LaneServer:
-    """The replica's end. ``infer`` is ``EngineReplica.infer``; ``others`` counts the
+    """The replica's end. ``infer`` is ``EngineReplica._infer``; ``others`` counts the
     replica's calls in flight that came another way (Serve's). Create it on the event loop
     that runs ``infer``."""
 
