@@ -101,7 +101,9 @@ def bind_engine(args: AppArgs) -> Application:
 #
 # A handle call made with Serve's `.options(_by_reference=False)` reaches the Router over
 # Serve's gRPC, whose server refuses a message over 4 MiB by default (seven `resnet50`
-# images are over it). By reference a call has no such limit; by value it gets gRPC's own.
+# images are over it). By reference a call has no such limit; by value its inputs get
+# gRPC's own. The answer is received by the caller, within the caller's own setting of the
+# same variable (README).
 HANDLE_BY_VALUE_MAX_BYTES = 2**31 - 1
 ROUTER_PROCESS_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",

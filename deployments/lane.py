@@ -11,7 +11,7 @@ The replica (``LaneServer``) listens on an abstract Unix socket named after its 
 nothing in a file system, gone with the process. It serves processes of its own user only
 (``SO_PEERCRED``). A frame is a head and a body: their two lengths, then their pickles. The Router
 sends a call (head: its id; body: the model, the inputs, the keyword arguments of
-``EngineReplica.infer``) or a cancel (the id); the replica answers each call (head: its id,
+``EngineReplica._infer``) or a cancel (the id); the replica answers each call (head: its id,
 whether it succeeded, how many calls it has in flight; body: its result or its error).
 A body that one end cannot read (a class that only the other end's version of the code has,
 during a rolling update) fails that call alone, as a failure of the replica, not a death:
@@ -27,8 +27,8 @@ The Router (``Lanes``) keeps one connection per replica, opened in the backgroun
 replicas appear. A connection that closes with calls in flight ends them at once with
 ``LaneClosed``: the attempt loop takes it for a death while Serve lists the replica, and
 for a replica Serve stopped once it does not. Which replica to use is still decided by the rules of
-the request router (``routing.eligible``, ``routing.by_own_load``), with the lane's own
-count of calls in flight as the queue length.
+the request router (``routing.eligible``, ``routing.by_own_load``), with the replica's calls
+in flight, as its last lane answer gave them, as the queue length.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def available() -> bool:
 
 
 class Full(Exception):
-    """The replica has ``limit()`` lane calls in flight already."""
+    """The replica has ``limit()`` calls in flight already, the lane's and Serve's together:
+    a lane call is refused with it, and so is a Serve call (``EngineReplica.infer``)."""
 
 
 class LaneClosed(Exception):
@@ -119,7 +120,7 @@ class LaneServer:
         self.limit = limit
         self.others = others
         self.ongoing = 0  # lane calls in flight
-        self.calls = 0  # answered or refused, since the start (describe)
+        self.calls = 0  # calls received since the start, run or refused (describe)
         self.replica_id = replica_id
         self.closing = False
         self._uid = os.getuid()
@@ -394,8 +395,9 @@ class Lanes:
     ) -> str | None:
         """The replica to send an attempt to over its lane, by the request router's rules
         (``routing.eligible``: exclusions, room, ejections; then ``routing.by_own_load``,
-        the lanes' calls in flight as queue lengths); None while any of ``replicas`` has no
-        open lane, or when nothing is allowed (the caller goes through Serve)."""
+        the replicas' calls in flight as their lanes last gave them, as queue lengths); None
+        while any of ``replicas`` has no open lane, or when nothing is allowed (the caller
+        goes through Serve)."""
         if not replicas or not self.open_for(replicas):
             return None
         room = [r for r in replicas if self._lanes[r].has_room]

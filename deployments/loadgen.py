@@ -26,13 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from engines.spec import IOSpec, example_inputs
 
 from .protocol import TRAIL_HEADER, encode_infer_request
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 # What a request is sent through:
 # - handle: serve.get_app_handle(app).infer.remote(model, inputs), the Router's handle method;
@@ -174,7 +177,7 @@ def _trail_info(trail: list[dict[str, Any]]) -> TrailInfo:
             float(last.get("router_ms", np.nan)))
 
 
-def app_handle(target: Target) -> Any:
+def app_handle(target: Target) -> DeploymentHandle:
     """The handle a caller of ``target`` holds to its app's ingress."""
     from ray import serve
 

@@ -19,6 +19,7 @@ processes but not a driver that joins later.
 
 from __future__ import annotations
 
+import os
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -32,14 +33,16 @@ def system_config() -> dict[str, int]:
 
 
 def join_or_start(**init: Any) -> None:
-    """``ray.init(**init)``: it joins the cluster RAY_ADDRESS names, or the last one ``ray
-    start`` started on this machine. Where it would start one of its own instead, that one
-    gets trtserve's config, so that a tool's own cluster (``trtserve chaos``, ``trtserve bench
-    serve``) sends arguments the way a served one does."""
+    """``ray.init(**init)``: it joins the cluster RAY_ADDRESS names (a Ray Client address
+    too), or the last one ``ray start`` started on this machine. Where it would start one of
+    its own instead, that one gets trtserve's config, so that a tool's own cluster
+    (``trtserve chaos``, ``trtserve bench serve``) sends arguments the way a served one
+    does."""
     import ray
     from ray._private.services import canonicalize_bootstrap_address
 
-    if canonicalize_bootstrap_address(None) is None:  # Ray's own rule for ray.init()
+    client = "://" in os.environ.get("RAY_ADDRESS", "")  # ray.init() checks this first
+    if not client and canonicalize_bootstrap_address(None) is None:  # Ray's own rule
         ray.init(address="local", _system_config=system_config(), **init)
     else:
         ray.init(**init)

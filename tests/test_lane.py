@@ -409,13 +409,15 @@ def test_serve_refuses_its_calls_where_lane_calls_hold_the_limit(
     # own check, lane calls and Serve's together took up to twice the limit.
     deploy(cache_dir, replicas=1, engine_max_ongoing_requests=2)
     [replica] = replica_ids()
-    inject({"kind": "hang", "count": 2, "seconds": 5}, target=replica)
+    # Long enough for the Serve call below to arrive while both lane calls hold the replica
+    # (on one context the second waits behind the first: 16 s in all, within their deadline).
+    inject({"kind": "hang", "count": 2, "seconds": 8}, target=replica)
     x = {"x": np.ones((1, 16), np.float32)}
 
     async def main() -> None:
         lanes = Lanes()
         await _open(lanes, replica)
-        held = [lanes.lane(replica).call("tiny", x, deadline_s=30) for _ in range(2)]
+        held = [lanes.lane(replica).call("tiny", x, deadline_s=60) for _ in range(2)]
         for _ in range(200):  # until both run (each holds the hang)
             [report] = await engine().broadcast("describe").results_async()
             if report["lane_calls"] == 2:
@@ -426,7 +428,7 @@ def test_serve_refuses_its_calls_where_lane_calls_hold_the_limit(
         with pytest.raises(Full, match="2 lane calls and 0 of Serve's in flight"):
             await engine().infer.remote("tiny", x)
         for call in held:
-            outputs, _ = await asyncio.wait_for(call, 30)
+            outputs, _ = await asyncio.wait_for(call, 60)
             np.testing.assert_allclose(outputs["probs"], tiny_reference(x["x"])["probs"],
                                        rtol=1e-5, atol=1e-6)
         outputs, _ = await engine().infer.remote("tiny", x)  # room again

@@ -102,6 +102,8 @@ def _in_a_process(address: str | None) -> tuple[str, bool]:
         return answer.get(timeout=120)
     finally:
         child.join(60)
+        if child.is_alive():
+            child.kill()
 
 
 @pytest.mark.integration
@@ -115,3 +117,15 @@ def test_a_tool_starts_its_own_cluster_with_trtserves_settings_or_joins_the_one_
     with local_serve():
         ours = ray.get_runtime_context().gcs_address
         assert _in_a_process(ours) == (ours, False)
+
+
+def test_a_ray_client_address_goes_to_ray_init_as_it_is(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    import ray
+
+    # Ray's address check refuses "ray://..."; ray.init() itself connects through Ray Client.
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(ray, "init", lambda **init: seen.append(init))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head.example:10001")
+    join_or_start(include_dashboard=False)
+    assert seen == [{"include_dashboard": False}]

@@ -206,7 +206,6 @@ def test_retry_and_faults_change_live_through_a_config_deploy(
     assert [a["outcome"] for a in trail] == ["ContextFailure", "ok"]
 
 
-
 def _first_four(path: Path, row_values: int) -> Path:
     """A model whose row of inputs is large and whose answer is four numbers."""
     from onnx import TensorProto, helper, numpy_helper, save
@@ -223,7 +222,7 @@ def _first_four(path: Path, row_values: int) -> Path:
     return path
 
 
-def test_a_handle_call_by_value_takes_what_one_by_reference_does(
+def test_a_handle_call_by_value_carries_inputs_over_grpcs_default_limit(
     http_port: int, cache_dir: Path, tmp_path: Path
 ) -> None:
     # Serve's gRPC transport (`_by_reference=False`) refuses a call over 4 MiB by default,
