@@ -357,19 +357,14 @@ class EngineReplica:
         return int(serve.get_replica_context()._deployment_config.max_ongoing_requests)
 
     async def infer(
-        self,
-        model: str,
-        inputs: dict[str, np.ndarray] | SharedInputs,
+        self, model: str, inputs: dict[str, np.ndarray] | SharedInputs, *,
         local_retries: int = RetryPolicy.local_retries,
-        deadline_s: float = RetryPolicy.attempt_timeout_s,
-        exclude: list[str] | None = None,
-        target: str | None = None,
-        ejected: list[str] | None = None,
-        attempt_id: str | None = None,
+        deadline_s: float = RetryPolicy.attempt_timeout_s, **routing: object,
     ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-        """Serve's calls (the routing arguments are its request router's). Serve admits up
-        to its limit of its own calls; where lane calls hold part of it, the rest is
-        refused here, as the lane refuses past it."""
+        """Serve's calls: ``routing`` (exclude, target, ejected, attempt_id) is for its
+        request router (routing.py), not for the run. Serve admits up to its limit of its
+        own calls; where lane calls hold part of it, the rest is refused here, as the lane
+        refuses past it."""
         if self.lane is not None and self.serve_calls + self.lane.ongoing >= self._limit():
             raise Full(f"{self.lane.ongoing} lane calls and {self.serve_calls} of Serve's "
                        f"in flight")
